@@ -1,0 +1,323 @@
+"""Configuration of Deep Delta Learning (DDL) language models.
+
+`DDLConfig` holds a Llama-style backbone (RMSNorm pre-norm, RoPE attention with optional
+QK-norm, SwiGLU MLP, tied embeddings) and the fields that choose how each block writes
+into its residual state. `DDLConfig.from_preset(size, variant)` builds the named
+configurations of the paper (arXiv 2601.00417) and of this package.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+RESIDUAL_MODES = ("delta", "additive", "write_only")
+STATE_COMPRESSORS = ("channel", "token")
+EMBED_EXPANSIONS = ("conv", "repeat")
+VALUE_INPUTS = ("state", "context")
+VALUE_ACTIVATIONS = ("sigmoid", "identity")
+
+# Indices of the short-convolution states kept per layer in the hybrid cache (see
+# `DDLConfig.conv_state_index`). Each layer owns the first two; the embedding
+# expansion lives on layer 0 and the readout compressor on the last layer.
+CONV_STATE_SLOTS = ("attention_compressor", "mlp_compressor", "embed_expansion", "readout_compressor")
+
+PRESET_SIZES = {
+    # Unit tests: a few thousand parameters, every code path.
+    "tiny": dict(
+        vocab_size=96,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+    ),
+    # CPU experiments: the shape of the package's benchmarks and published CPU results.
+    "mini": dict(
+        vocab_size=8192,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        head_dim=128,
+        max_position_embeddings=1024,
+    ),
+    # The paper's 124M model.
+    "small": dict(
+        vocab_size=50304,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        head_dim=128,
+        max_position_embeddings=1024,
+    ),
+    # The paper's 353M model.
+    "medium": dict(
+        vocab_size=50304,
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=8,
+        head_dim=128,
+        max_position_embeddings=1024,
+    ),
+}
+
+PRESET_VARIANTS = {
+    "baseline": dict(residual_mode="additive", value_channels=1),
+    "ddl-scalar": dict(residual_mode="delta", value_channels=1),
+    "ddl-tc": dict(residual_mode="delta", value_channels=4, state_compressor="token", embed_expansion="conv"),
+    "ddl-cc": dict(residual_mode="delta", value_channels=4, state_compressor="channel", embed_expansion="conv"),
+    "ddl-tc-noec": dict(residual_mode="delta", value_channels=4, state_compressor="token", embed_expansion="repeat"),
+    "ddl-cc-noec": dict(residual_mode="delta", value_channels=4, state_compressor="channel", embed_expansion="repeat"),
+    "write-only-cc": dict(
+        residual_mode="write_only", value_channels=4, state_compressor="channel", embed_expansion="conv"
+    ),
+}
+
+
+def _check_choice(field: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"DDLConfig.{field} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_int(field: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"DDLConfig.{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(field: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and math.isfinite(value) and (value > low if low_open else value >= low)
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high if high is not None else 'inf'})"
+        if high is not None and not low_open:
+            bound = f"[{low}, {high}]"
+        raise ValueError(f"DDLConfig.{field} must be a finite number in {bound}, got {value!r}")
+
+
+class DDLConfig(PreTrainedConfig):
+    r"""
+    Configuration of a DDL decoder-only language model.
+
+    Backbone (Llama conventions): `vocab_size`, `hidden_size` (d), `intermediate_size`
+    (SwiGLU width; `None` gives floor(8 d / 3) as in the paper), `num_hidden_layers`,
+    `num_attention_heads`, `num_key_value_heads` (`None` = multi-head attention),
+    `head_dim` (`None` = hidden_size / num_attention_heads), `max_position_embeddings`,
+    `rope_parameters`, `rms_norm_eps`, `use_qk_norm` (RMSNorm on each head's queries and
+    keys), `tie_word_embeddings`, `initializer_range` (std of embeddings and LM head).
+
+    Residual fields:
+
+    - `residual_mode`: `"delta"` replaces `x + F(x)` by the gated rank-1 rewrite
+      `X <- X + beta k (v^T - k^T X)`; `"additive"` is the baseline `x + F(x)` on the same
+      backbone; `"write_only"` keeps every DDL generator but drops the erase term:
+      `X <- X + beta k v^T`.
+    - `value_channels` (d_v): width of the residual state `X` of shape (d, d_v) per token.
+      1 is the ordinary vector stream. `"additive"` requires 1.
+    - `state_compressor`: how a block reads its width-d input from `X` when d_v > 1:
+      `"channel"` (CC, per-feature weighted sum over the d_v values) or `"token"` (TC, a
+      depthwise causal convolution over tokens of width `state_conv_size`, then the
+      per-feature weighted sum).
+    - `embed_expansion`: how the token embedding becomes the first state when d_v > 1:
+      `"conv"` (EC, a depthwise causal convolution over tokens of width
+      `embed_conv_size` mapping each feature to its d_v channels, identity at init) or
+      `"repeat"` (copy the embedding into every channel).
+    - `beta_init`: gate value at initialization, in [0, 2]; the gate bias starts at
+      logit(beta_init / 2), with beta_init / 2 clamped to [1e-4, 1 - 1e-4] so that the
+      endpoints give a finite bias.
+    - `gate_hidden_size`: 0 for a linear gate `W c + b`, > 0 for `W2 tanh(W1 c + b1) + b2`.
+    - `k_eps`: guard of the direction normalization `k = h / sqrt(|h|^2 + k_eps^2)`.
+    - `value_input`: `"state"` (authors' code: v reads the un-normalized block input) or
+      `"context"` (paper text: v reads the normalized context c).
+    - `value_activation`: `"sigmoid"` (`v = value_scale * sigmoid(W_v s + b_v)`) or
+      `"identity"` (`v = W_v s + b_v`).
+
+    `layer_types` is derived: `"hybrid"` layers (attention cache plus short-convolution
+    states) when the model has token convolutions, `"full_attention"` otherwise.
+    """
+
+    model_type = "ddl"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 50304
+    hidden_size: int = 768
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 6
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 1024
+    rope_parameters: RopeParameters | dict | None = None
+    rms_norm_eps: float = 1e-6
+    use_qk_norm: bool = True
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    residual_mode: str = "delta"
+    value_channels: int = 4
+    state_compressor: str = "channel"
+    state_conv_size: int = 4
+    embed_expansion: str = "conv"
+    embed_conv_size: int = 4
+    beta_init: float = 1.0
+    gate_hidden_size: int = 0
+    k_eps: float = 1e-5
+    value_input: str = "state"
+    value_activation: str = "sigmoid"
+    value_scale: float = 4.0
+    layer_types: list[str] | None = None
+
+    def __post_init__(self, **kwargs):
+        self._validate_residual_fields()
+        self._validate_backbone_fields()
+        if self.intermediate_size is None:
+            self.intermediate_size = (8 * self.hidden_size) // 3
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        expected_layer_types = [self.cache_layer_type] * self.num_hidden_layers
+        if self.layer_types is not None and list(self.layer_types) != expected_layer_types:
+            raise ValueError(
+                f"DDLConfig.layer_types is derived from the residual fields and must be {expected_layer_types!r} "
+                f"(or None), got {self.layer_types!r}"
+            )
+        self.layer_types = expected_layer_types
+        super().__post_init__(**kwargs)
+
+    def _validate_residual_fields(self) -> None:
+        _check_choice("residual_mode", self.residual_mode, RESIDUAL_MODES)
+        _check_int("value_channels", self.value_channels, 1)
+        _check_choice("state_compressor", self.state_compressor, STATE_COMPRESSORS)
+        _check_int("state_conv_size", self.state_conv_size, 1)
+        _check_choice("embed_expansion", self.embed_expansion, EMBED_EXPANSIONS)
+        _check_int("embed_conv_size", self.embed_conv_size, 1)
+        _check_float("beta_init", self.beta_init, 0.0, 2.0)
+        _check_int("gate_hidden_size", self.gate_hidden_size, 0)
+        _check_float("k_eps", self.k_eps, 0.0, low_open=True)
+        _check_choice("value_input", self.value_input, VALUE_INPUTS)
+        _check_choice("value_activation", self.value_activation, VALUE_ACTIVATIONS)
+        _check_float("value_scale", self.value_scale, 0.0, low_open=True)
+        if self.residual_mode == "additive" and self.value_channels != 1:
+            raise ValueError(
+                f"DDLConfig.value_channels must be 1 when residual_mode='additive' (the additive baseline has a "
+                f"vector residual stream), got {self.value_channels}"
+            )
+
+    def _validate_backbone_fields(self) -> None:
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
+            _check_int(field, getattr(self, field), 1)
+        if self.intermediate_size is not None:
+            _check_int("intermediate_size", self.intermediate_size, 1)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"DDLConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}) when head_dim is not set"
+                )
+        else:
+            _check_int("head_dim", self.head_dim, 2)
+            if self.head_dim % 2:
+                raise ValueError(
+                    f"DDLConfig.head_dim must be even (rotary embeddings rotate pairs), got {self.head_dim}"
+                )
+        if self.num_key_value_heads is not None:
+            _check_int("num_key_value_heads", self.num_key_value_heads, 1)
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ValueError(
+                    f"DDLConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                    f"({self.num_attention_heads})"
+                )
+        _check_float("rms_norm_eps", self.rms_norm_eps, 0.0, low_open=True)
+        _check_float("initializer_range", self.initializer_range, 0.0)
+        _check_float("attention_dropout", self.attention_dropout, 0.0, 1.0)
+        if self.hidden_act not in ("silu", "gelu", "relu", "gelu_pytorch_tanh"):
+            raise ValueError(
+                f"DDLConfig.hidden_act must be one of ['silu', 'gelu', 'relu', 'gelu_pytorch_tanh'], got {self.hidden_act!r}"
+            )
+
+    # ----------------------------------------------------------------- derived facts
+    @property
+    def is_expanded(self) -> bool:
+        """True when the residual state has more than one value channel (d_v > 1)."""
+        return self.value_channels > 1
+
+    @property
+    def uses_token_compressor(self) -> bool:
+        return self.is_expanded and self.state_compressor == "token"
+
+    @property
+    def uses_embed_conv(self) -> bool:
+        return self.is_expanded and self.embed_expansion == "conv"
+
+    @property
+    def cache_layer_type(self) -> str:
+        """`"hybrid"` when generation must cache short-convolution states, else `"full_attention"`."""
+        return "hybrid" if (self.uses_token_compressor or self.uses_embed_conv) else "full_attention"
+
+    @property
+    def number_of_conv_states(self) -> int:
+        """Convolution-state slots per hybrid cache layer, read by `DynamicCache(config=...)`."""
+        return len(CONV_STATE_SLOTS)
+
+    @staticmethod
+    def conv_state_index(slot: str) -> int:
+        """Index of a named convolution state inside a layer's hybrid cache (`CONV_STATE_SLOTS`)."""
+        return CONV_STATE_SLOTS.index(slot)
+
+    @property
+    def variant_name(self) -> str:
+        """A short human name: `baseline`, `ddl-scalar`, `ddl-cc`, `write-only-tc-noec`, ..."""
+        if self.residual_mode == "additive":
+            return "baseline"
+        prefix = "ddl" if self.residual_mode == "delta" else "write-only"
+        if not self.is_expanded:
+            return f"{prefix}-scalar"
+        name = f"{prefix}-{'cc' if self.state_compressor == 'channel' else 'tc'}"
+        return name if self.embed_expansion == "conv" else f"{name}-noec"
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def from_preset(cls, size: str = "mini", variant: str = "ddl-cc", **overrides) -> DDLConfig:
+        """Build a named configuration.
+
+        Args:
+            size: one of `PRESET_SIZES` (`tiny`, `mini`, `small`, `medium`).
+            variant: one of `PRESET_VARIANTS` (`baseline`, `ddl-scalar`, `ddl-tc`, `ddl-cc`,
+                `ddl-tc-noec`, `ddl-cc-noec`, `write-only-cc`).
+            overrides: any `DDLConfig` field, applied last.
+        """
+        if size not in PRESET_SIZES:
+            raise ValueError(f"Unknown preset size {size!r}; allowed sizes: {list(PRESET_SIZES)}")
+        if variant not in PRESET_VARIANTS:
+            raise ValueError(f"Unknown preset variant {variant!r}; allowed variants: {list(PRESET_VARIANTS)}")
+        unknown = sorted(set(overrides) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"Unknown DDLConfig field(s) {unknown}; see DDLConfig.field_names() for the allowed fields"
+            )
+        return cls(**{**PRESET_SIZES[size], **PRESET_VARIANTS[variant], **overrides})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every field a `DDLConfig` accepts (its own and the inherited ones)."""
+        return [name for klass in reversed(cls.__mro__) for name in getattr(klass, "__annotations__", {})]
+
+
+__all__ = ["DDLConfig", "PRESET_SIZES", "PRESET_VARIANTS"]

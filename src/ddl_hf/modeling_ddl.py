@@ -1,0 +1,791 @@
+"""Deep Delta Learning (DDL) language models for transformers 5.x.
+
+A DDL decoder is a Llama-style pre-norm transformer whose two residual additions per
+block are replaced by a gated rank-1 rewrite of a residual state `X` of shape
+(d, d_v) per token (arXiv 2601.00417):
+
+    x_in = compress(X)                  (B, T, d)       identity when d_v = 1
+    c    = RMSNorm(x_in)                (B, T, d)
+    h    = F(c)                         (B, T, d)       attention or SwiGLU
+    X   <- X + beta k (v^T - k^T X)     k = h / |h|, beta = 2 sigmoid(gate(c)), v = value(x_in)
+
+Tensor layout: the state travels between blocks flattened to (B, T, d * d_v), feature
+major, so that `X[b, t, i, j]` lives at `state[b, t, i * d_v + j]`; with d_v = 1 it is the
+usual (B, T, d) hidden state.
+
+`output_hidden_states=True` returns `num_hidden_layers + 1` tensors: entry 0 is the
+initial state (the expanded embeddings), entry i the state after block i, each of shape
+(B, T, d * d_v); as in every transformers language model the last entry is replaced by
+`last_hidden_state`, the final normalized readout of shape (B, T, d).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_ddl import DDLConfig
+from .delta_ops import delta_update_reference
+
+
+class DDLRMSNorm(nn.Module):
+    """RMSNorm over the last dimension, computed in fp32. (..., d) -> (..., d)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+# --------------------------------------------------------------------------- Delta shortcut
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+class DeltaShortcut(nn.Module):
+    """The Delta rewrite of a residual state, usable in any PyTorch network.
+
+    Replaces `x + h` by `X + beta k (v^T - k^T X)` (`mode="delta"`) or by `X + beta k v^T`
+    (`mode="write_only"`), with k the unit direction of `h`, `beta = 2 sigmoid(gate(context))`
+    in (0, 2) and `v` a learned readout of `d_v = value_channels` values.
+
+    Shapes: `state` is (..., d * d_v), feature major (`X[..., i, j]` at `i * d_v + j`;
+    plain (..., d) when d_v = 1); `h` and `context` are (..., d); `block_input` (the
+    un-normalized width-d input of the sublayer) is (..., d) and is what the value reads when
+    `value_input="state"` (when d_v = 1 it defaults to `state`).
+
+    Example::
+
+        shortcut = DeltaShortcut(hidden_size=64)
+        x = shortcut(x, h=mlp(norm(x)), context=norm(x))   # instead of x = x + mlp(norm(x))
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        value_channels: int = 1,
+        mode: str = "delta",
+        beta_init: float = 1.0,
+        gate_hidden_size: int = 0,
+        k_eps: float = 1e-5,
+        value_input: str = "state",
+        value_activation: str = "sigmoid",
+        value_scale: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if mode not in ("delta", "write_only"):
+            raise ValueError(f"DeltaShortcut mode must be one of ['delta', 'write_only'], got {mode!r}")
+        self.hidden_size = hidden_size
+        self.value_channels = value_channels
+        self.erase = mode == "delta"
+        self.beta_init = beta_init
+        self.k_eps = k_eps
+        self.value_input = value_input
+        self.value_activation = value_activation
+        self.value_scale = value_scale
+        if gate_hidden_size > 0:
+            self.beta_hidden = nn.Linear(hidden_size, gate_hidden_size)
+            self.beta_proj = nn.Linear(gate_hidden_size, 1)
+        else:
+            self.beta_hidden = None
+            self.beta_proj = nn.Linear(hidden_size, 1)
+        self.value_proj = nn.Linear(hidden_size, value_channels)
+        self.reset_parameters()
+
+    @property
+    def mode(self) -> str:
+        return "delta" if self.erase else "write_only"
+
+    @torch.no_grad()
+    def reset_parameters(self, weight_std: float | None = None) -> None:
+        """Authors' init: weights N(0, weight_std) (default 0.5 / sqrt(d)), value bias 0,
+        gate bias logit(beta_init / 2) so that beta = beta_init at a zero context."""
+        std = 0.5 / math.sqrt(self.hidden_size) if weight_std is None else weight_std
+        for linear in (self.beta_hidden, self.beta_proj, self.value_proj):
+            if linear is not None:
+                init.normal_(linear.weight, mean=0.0, std=std)
+                init.zeros_(linear.bias)
+        half_beta = min(max(self.beta_init / 2.0, 1e-4), 1.0 - 1e-4)
+        init.constant_(self.beta_proj.bias, _logit(half_beta))
+
+    def gate(self, context: torch.Tensor) -> torch.Tensor:
+        """beta = 2 sigmoid(gate(context)), computed in fp32. (..., d) -> (..., 1)."""
+        x = context.float()
+        if self.beta_hidden is not None:
+            x = torch.tanh(F.linear(x, self.beta_hidden.weight.float(), self.beta_hidden.bias.float()))
+        logits = F.linear(x, self.beta_proj.weight.float(), self.beta_proj.bias.float())
+        return 2.0 * torch.sigmoid(logits)
+
+    def value(self, source: torch.Tensor) -> torch.Tensor:
+        """The value v read from `source`. (..., d) -> (..., d_v), fp32."""
+        v = F.linear(source.float(), self.value_proj.weight.float(), self.value_proj.bias.float())
+        if self.value_activation == "sigmoid":
+            v = self.value_scale * torch.sigmoid(v)
+        return v
+
+    def forward(
+        self,
+        state: torch.Tensor,
+        h: torch.Tensor,
+        context: torch.Tensor,
+        block_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.value_input == "context":
+            source = context
+        elif block_input is not None:
+            source = block_input
+        elif self.value_channels == 1:
+            source = state
+        else:
+            raise ValueError("DeltaShortcut with value_channels > 1 and value_input='state' needs `block_input`")
+        beta = self.gate(context)
+        v = self.value(source)
+        matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
+        new_state = delta_update_reference(matrix, h, beta, v, self.k_eps, erase=self.erase)
+        return new_state.flatten(-2)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, mode={self.mode}, "
+            f"k_eps={self.k_eps}, value_input={self.value_input}, value_activation={self.value_activation}"
+        )
+
+
+# --------------------------------------------------------------------------- short convolutions
+def causal_depthwise_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cache: Cache | None = None,
+    layer_idx: int = 0,
+    state_idx: int = 0,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal grouped convolution over tokens, with its last inputs kept in a hybrid cache.
+
+    Args:
+        x: (B, T, C_in) inputs.
+        weight: (C_out, 1, K) one filter per output channel; C_out is a multiple of C_in and
+            output channel `i * (C_out // C_in) + j` reads input channel i.
+        cache: a hybrid `DynamicCache` (or None): prefill stores the last K-1 inputs, decoding
+            reads them back.
+        padding_mask: (B, T) bool, False at padded positions, which are zeroed first so that a
+            left-padded row sees exactly what an unpadded row sees.
+
+    Returns:
+        (B, T, C_out).
+    """
+    if padding_mask is not None:
+        x = x.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+    x = x.transpose(1, 2)
+    num_tokens, kernel_size = x.shape[-1], weight.shape[-1]
+    if kernel_size > 1:
+        if cache is None:
+            x = F.pad(x, (kernel_size - 1, 0))
+        else:
+            layer = cache.layers[layer_idx]
+            if not isinstance(layer, LinearAttentionCacheLayerMixin):
+                raise ValueError(
+                    "This DDL model keeps convolution states in its cache; pass a cache built with "
+                    "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
+                )
+            decoding = layer.has_previous_state[state_idx]
+            full = cache.update_conv_state(x, layer_idx, state_idx=state_idx, conv_kernel_size=kernel_size - 1)
+            x = full[..., -(num_tokens + kernel_size - 1) :] if decoding else F.pad(x, (kernel_size - 1, 0))
+    return F.conv1d(x, weight, groups=x.shape[1]).transpose(1, 2)
+
+
+class StateCompressor(nn.Module):
+    """Reads the width-d block input from the expanded state.
+
+    `x_in[i] = sum_j W[i, j] X[i, j]` (channel compressor, CC); the token compressor (TC)
+    first runs a depthwise causal convolution over tokens on all d * d_v channels.
+    (B, T, d * d_v) -> (B, T, d). At init W = 1 / d_v and the token filter is the identity.
+    """
+
+    def __init__(self, hidden_size: int, value_channels: int, kind: str = "channel", conv_size: int = 4) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.value_channels = value_channels
+        self.kind = kind
+        self.read_weight = nn.Parameter(torch.empty(hidden_size, value_channels))
+        if kind == "token":
+            self.conv_weight = nn.Parameter(torch.empty(hidden_size * value_channels, 1, conv_size))
+        else:
+            self.register_parameter("conv_weight", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        init.constant_(self.read_weight, 1.0 / self.value_channels)
+        if self.conv_weight is not None:
+            _identity_causal_filter(self.conv_weight)
+
+    def forward(
+        self,
+        state: torch.Tensor,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
+        state_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.conv_weight is not None:
+            state = causal_depthwise_conv(state, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
+        matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
+        return (matrix * self.read_weight).sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
+
+
+class EmbedExpansion(nn.Module):
+    """Turns token embeddings into the first residual state. (B, T, d) -> (B, T, d * d_v).
+
+    `"conv"` (EC): a depthwise causal convolution over tokens mapping feature i to its d_v
+    channels, identity at init (so it starts as repetition); `"repeat"`: copy each feature.
+    """
+
+    def __init__(self, hidden_size: int, value_channels: int, kind: str = "conv", conv_size: int = 4) -> None:
+        super().__init__()
+        self.value_channels = value_channels
+        self.kind = kind
+        if kind == "conv":
+            self.conv_weight = nn.Parameter(torch.empty(hidden_size * value_channels, 1, conv_size))
+        else:
+            self.register_parameter("conv_weight", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.conv_weight is not None:
+            _identity_causal_filter(self.conv_weight)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
+        state_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.conv_weight is None:
+            return embeddings.repeat_interleave(self.value_channels, dim=-1)
+        return causal_depthwise_conv(embeddings, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
+
+
+def _identity_causal_filter(weight: torch.Tensor) -> None:
+    """Filters (C, 1, K) that pass the current token through: last tap 1, others 0."""
+    identity = torch.zeros_like(weight)
+    identity[..., -1] = 1.0
+    init.copy_(weight, identity)
+
+
+# --------------------------------------------------------------------------- backbone
+class DDLRotaryEmbedding(nn.Module):
+    """RoPE cos/sin tables for given positions: position_ids (B, T) -> two (B, T, head_dim)."""
+
+    def __init__(self, config: DDLConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters["rope_type"]
+        init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DDLConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        angles = torch.cat((angles, angles), dim=-1)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    """Rotate q and k (B, heads, T, head_dim) by the (B, T, head_dim) tables."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, kv_heads, T, head_dim) -> (B, kv_heads * n_rep, T, head_dim)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, length, head_dim = hidden_states.shape
+    expanded = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, length, head_dim)
+    return expanded.reshape(batch, kv_heads * n_rep, length, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class DDLAttention(nn.Module):
+    """Multi-head (or grouped-query) causal self-attention with RoPE and optional QK-norm."""
+
+    def __init__(self, config: DDLConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        if config.use_qk_norm:
+            self.q_norm = DDLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = DDLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, d) -> (B, T, d), and the attention weights when the backend returns them."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
+        return output, weights
+
+
+class DDLMLP(nn.Module):
+    """SwiGLU: down(act(gate(x)) * up(x)). (B, T, d) -> (B, T, d)."""
+
+    def __init__(self, config: DDLConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _make_shortcut(config: DDLConfig) -> DeltaShortcut | None:
+    """The residual write of one sublayer: None means the additive `x + h`."""
+    if config.residual_mode == "additive":
+        return None
+    return DeltaShortcut(
+        config.hidden_size,
+        value_channels=config.value_channels,
+        mode=config.residual_mode,
+        beta_init=config.beta_init,
+        gate_hidden_size=config.gate_hidden_size,
+        k_eps=config.k_eps,
+        value_input=config.value_input,
+        value_activation=config.value_activation,
+        value_scale=config.value_scale,
+    )
+
+
+def _make_compressor(config: DDLConfig) -> StateCompressor | None:
+    if not config.is_expanded:
+        return None
+    return StateCompressor(config.hidden_size, config.value_channels, config.state_compressor, config.state_conv_size)
+
+
+class DDLDecoderLayer(GradientCheckpointingLayer):
+    """One pre-norm block whose two residual writes are Delta rewrites (or additions).
+
+    (B, T, d * d_v) -> (B, T, d * d_v).
+    """
+
+    def __init__(self, config: DDLConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.self_attn = DDLAttention(config, layer_idx)
+        self.mlp = DDLMLP(config)
+        self.input_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.compressor = _make_compressor(config)
+        self.attn_shortcut = _make_shortcut(config)
+        self.mlp_shortcut = _make_shortcut(config)
+        self._attn_slot = config.conv_state_index("attention_compressor")
+        self._mlp_slot = config.conv_state_index("mlp_compressor")
+
+    def _read(self, state, slot, cache, padding_mask) -> torch.Tensor:
+        if self.compressor is None:
+            return state
+        return self.compressor(state, cache, self.layer_idx, slot, padding_mask)
+
+    @staticmethod
+    def _write(shortcut, state, h, context, block_input) -> torch.Tensor:
+        if shortcut is None:
+            return state + h
+        return shortcut(state, h, context, block_input)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padding_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        state = hidden_states
+        block_input = self._read(state, self._attn_slot, cache, padding_mask)
+        context = self.input_layernorm(block_input)
+        h, _ = self.self_attn(
+            context,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        state = self._write(self.attn_shortcut, state, h, context, block_input)
+
+        block_input = self._read(state, self._mlp_slot, cache, padding_mask)
+        context = self.post_attention_layernorm(block_input)
+        h = self.mlp(context)
+        return self._write(self.mlp_shortcut, state, h, context, block_input)
+
+
+# --------------------------------------------------------------------------- pretrained models
+class DDLPreTrainedModel(PreTrainedModel):
+    config: DDLConfig
+    config_class = DDLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DDLDecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "hidden_states": DDLDecoderLayer,
+        "attentions": DDLAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Authors' init (spec section 4): embeddings and LM head N(0, initializer_range);
+        attention and MLP output projections N(0, 0.5 / sqrt(d) / sqrt(L)); every other
+        matrix N(0, 0.5 / sqrt(d)); gate bias logit(beta_init / 2); compressor read weights
+        1 / d_v; token filters (EC, TC) the identity."""
+        super()._init_weights(module)
+        config = self.config
+        std = 0.5 / math.sqrt(config.hidden_size)
+        output_std = std / math.sqrt(config.num_hidden_layers)
+        if isinstance(module, DDLAttention):
+            for proj in (module.q_proj, module.k_proj, module.v_proj):
+                init.normal_(proj.weight, mean=0.0, std=std)
+            init.normal_(module.o_proj.weight, mean=0.0, std=output_std)
+        elif isinstance(module, DDLMLP):
+            init.normal_(module.gate_proj.weight, mean=0.0, std=std)
+            init.normal_(module.up_proj.weight, mean=0.0, std=std)
+            init.normal_(module.down_proj.weight, mean=0.0, std=output_std)
+        elif isinstance(module, DeltaShortcut):
+            module.reset_parameters(weight_std=std)
+        elif isinstance(module, (StateCompressor, EmbedExpansion)):
+            module.reset_parameters()
+
+
+class DDLModel(DDLPreTrainedModel):
+    """The DDL decoder without a head. Returns the final normalized readout (B, T, d)."""
+
+    def __init__(self, config: DDLConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embed_expansion = (
+            EmbedExpansion(config.hidden_size, config.value_channels, config.embed_expansion, config.embed_conv_size)
+            if config.is_expanded
+            else None
+        )
+        self.layers = nn.ModuleList(DDLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.readout = _make_compressor(config)
+        self.norm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DDLRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DDLModel.forward needs exactly one of `input_ids` or `inputs_embeds`")
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        if inputs_embeds is not None and (
+            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
+        ):
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, seq_len, {self.config.hidden_size}), "
+                f"got {tuple(inputs_embeds.shape)}"
+            )
+        batch, length = tokens.shape[:2]
+        if length == 0 or batch == 0:
+            raise ValueError(f"empty input: `input_ids`/`inputs_embeds` has shape {tuple(tokens.shape)}")
+        if input_ids is not None and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
+                )
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and past > 0:
+            cached_batch = _cache_batch_size(cache)
+            if cached_batch is not None and cached_batch != batch:
+                raise ValueError(f"`cache` holds a batch of {cached_batch} sequences but the input has batch {batch}")
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (batch, past + length):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch, past + seq_len) = ({batch}, {past + length}), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        # Token convolutions (EC, TC) must not read padded positions.
+        padding_mask = None
+        if self.config.cache_layer_type == "hybrid" and attention_mask is not None and attention_mask.dim() == 2:
+            padding_mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
+
+        state = inputs_embeds
+        if self.embed_expansion is not None:
+            state = self.embed_expansion(
+                inputs_embeds, cache, 0, self.config.conv_state_index("embed_expansion"), padding_mask
+            )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            state = decoder_layer(
+                state,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                padding_mask=padding_mask,
+                **kwargs,
+            )
+        if self.readout is not None:
+            state = self.readout(
+                state,
+                cache,
+                self.config.num_hidden_layers - 1,
+                self.config.conv_state_index("readout_compressor"),
+                padding_mask,
+            )
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(state), cache=cache)
+
+
+def _cache_batch_size(cache: Cache) -> int | None:
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() > 0:
+            return keys.shape[0]
+    return None
+
+
+class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
+    """DDL decoder with a (tied) language-modeling head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: DDLConfig) -> None:
+        super().__init__(config)
+        self.model = DDLModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
+            Targets for next-token prediction, aligned with the inputs (the shift happens inside);
+            -100 marks positions without loss.
+        logits_to_keep (`int` or `torch.Tensor`):
+            Compute logits only for the last `logits_to_keep` positions (0 = all), or for the
+            given indices.
+        """
+        if labels is not None:
+            reference = input_ids if input_ids is not None else inputs_embeds
+            if reference is not None and labels.shape != reference.shape[:2]:
+                raise ValueError(
+                    f"`labels` must have the shape of the inputs {tuple(reference.shape[:2])}, got {tuple(labels.shape)}"
+                )
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "DDLPreTrainedModel",
+    "DDLModel",
+    "DDLForCausalLM",
+    "DeltaShortcut",
+    "StateCompressor",
+    "EmbedExpansion",
+    "causal_depthwise_conv",
+]
