@@ -249,7 +249,8 @@ class DDLConfig(PreTrainedConfig):
         _check_float("attention_dropout", self.attention_dropout, 0.0, 1.0)
         if self.hidden_act not in ("silu", "gelu", "relu", "gelu_pytorch_tanh"):
             raise ValueError(
-                f"DDLConfig.hidden_act must be one of ['silu', 'gelu', 'relu', 'gelu_pytorch_tanh'], got {self.hidden_act!r}"
+                "DDLConfig.hidden_act must be one of ['silu', 'gelu', 'relu', 'gelu_pytorch_tanh'], "
+                f"got {self.hidden_act!r}"
             )
 
     # ----------------------------------------------------------------- derived facts

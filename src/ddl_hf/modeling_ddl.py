@@ -755,7 +755,8 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
             reference = input_ids if input_ids is not None else inputs_embeds
             if reference is not None and labels.shape != reference.shape[:2]:
                 raise ValueError(
-                    f"`labels` must have the shape of the inputs {tuple(reference.shape[:2])}, got {tuple(labels.shape)}"
+                    f"`labels` must have the shape of the inputs {tuple(reference.shape[:2])}, "
+                    f"got {tuple(labels.shape)}"
                 )
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
