@@ -1,0 +1,46 @@
+"""The `ddl` command: `ddl train | tokenizer | bench | compare | audit`.
+
+Each subcommand lives in its own module with a `main(argv) -> int`; they are imported only
+when called so that `ddl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("ddl_hf.train", "pretrain or fine-tune a model with the HF Trainer (the main job)"),
+    "tokenizer": ("ddl_hf.tokenization", "train a byte-level BPE tokenizer on text files"),
+    "bench": ("ddl_hf.bench", "measure speed and memory of DDL variants against the additive baseline"),
+    "compare": ("ddl_hf.compare", "train several variants x seeds on identical data and compare them"),
+    "audit": ("ddl_hf.audit", "report how a trained model uses its gates (beta regimes, discrepancy)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ddl <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    lines += ["", "`ddl <command> --help` describes each command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        if not argv:
+            # `ddl` alone runs the main job, like `ddl train` with its defaults.
+            argv = ["train"]
+        else:
+            print(_usage())
+            return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"ddl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
