@@ -28,12 +28,8 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        if not argv:
-            # `ddl` alone runs the main job, like `ddl train` with its defaults.
-            argv = ["train"]
-        else:
-            print(_usage())
-            return 0
+        print(_usage())
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
         print(f"ddl: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
