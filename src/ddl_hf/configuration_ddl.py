@@ -9,9 +9,10 @@ configurations of the paper (arXiv 2601.00417) and of this package.
 from __future__ import annotations
 
 import math
+import os
 
 from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 
 RESIDUAL_MODES = ("delta", "additive", "write_only")
 STATE_COMPRESSORS = ("channel", "token")
@@ -86,15 +87,29 @@ def _check_int(field: str, value, minimum: int) -> None:
         raise ValueError(f"DDLConfig.{field} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_bool(field: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"DDLConfig.{field} must be True or False, got {value!r}")
+
+
+def _check_token_id(field: str, value, vocab_size: int) -> None:
+    """None, or an id (or list of ids, for eos_token_id) in [0, vocab_size)."""
+    for token_id in value if isinstance(value, (list, tuple)) else [value]:
+        if token_id is None and not isinstance(value, (list, tuple)):
+            continue
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+            raise ValueError(
+                f"DDLConfig.{field} must be None or a token id in [0, vocab_size={vocab_size}), got {value!r}"
+            )
+
+
 def _check_float(field: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = is_number and math.isfinite(value) and (value > low if low_open else value >= low)
     if ok and high is not None:
         ok = value <= high
     if not ok:
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high if high is not None else 'inf'})"
-        if high is not None and not low_open:
-            bound = f"[{low}, {high}]"
+        bound = ("(" if low_open else "[") + f"{low}, " + ("inf)" if high is None else f"{high}]")
         raise ValueError(f"DDLConfig.{field} must be a finite number in {bound}, got {value!r}")
 
 
@@ -194,6 +209,16 @@ class DDLConfig(PreTrainedConfig):
             )
         self.layer_types = expected_layer_types
         super().__post_init__(**kwargs)
+        self._validate_rope_fields()
+
+    def _validate_rope_fields(self) -> None:
+        # transformers only logs unknown RoPE settings; a bad one would fail later inside the model.
+        rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            raise ValueError(f"DDLConfig.rope_parameters must be a dict, got {rope!r}")
+        allowed = ["default", *ROPE_INIT_FUNCTIONS]
+        _check_choice("rope_parameters['rope_type']", rope.get("rope_type"), tuple(allowed))
+        _check_float("rope_parameters['rope_theta']", rope.get("rope_theta"), 0.0, low_open=True)
 
     def _validate_residual_fields(self) -> None:
         _check_choice("residual_mode", self.residual_mode, RESIDUAL_MODES)
@@ -247,6 +272,10 @@ class DDLConfig(PreTrainedConfig):
         _check_float("rms_norm_eps", self.rms_norm_eps, 0.0, low_open=True)
         _check_float("initializer_range", self.initializer_range, 0.0)
         _check_float("attention_dropout", self.attention_dropout, 0.0, 1.0)
+        for field in ("use_qk_norm", "attention_bias", "tie_word_embeddings", "use_cache"):
+            _check_bool(field, getattr(self, field))
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            _check_token_id(field, getattr(self, field), self.vocab_size)
         if self.hidden_act not in ("silu", "gelu", "relu", "gelu_pytorch_tanh"):
             raise ValueError(
                 "DDLConfig.hidden_act must be one of ['silu', 'gelu', 'relu', 'gelu_pytorch_tanh'], "
@@ -319,6 +348,27 @@ class DDLConfig(PreTrainedConfig):
     def field_names(cls) -> list[str]:
         """Names of every field a `DDLConfig` accepts (its own and the inherited ones)."""
         return [name for klass in reversed(cls.__mro__) for name in getattr(klass, "__annotations__", {})]
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> DDLConfig:
+        """`PreTrainedConfig.from_pretrained`; an invalid field raises a ValueError naming the config file."""
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> DDLConfig:
+        """`PreTrainedConfig.from_dict`. When the dict was read from a checkpoint (`from_pretrained` and
+        `AutoConfig` pass its `name_or_path`), an invalid field raises a ValueError naming its config.json."""
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except ValueError as error:
+            source = kwargs.get("name_or_path")
+            if not source:
+                raise
+            source = str(source)
+            path = source if source.endswith(".json") else os.path.join(source, "config.json")
+            raise ValueError(f"{path}: {error}") from error
 
 
 __all__ = ["DDLConfig", "PRESET_SIZES", "PRESET_VARIANTS"]

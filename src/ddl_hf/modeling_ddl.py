@@ -21,11 +21,16 @@ initial state (the expanded embeddings), entry i the state after block i, each o
 
 from __future__ import annotations
 
+import glob
+import inspect
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -43,7 +48,9 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddl import DDLConfig
-from .delta_ops import delta_update_reference
+from .delta_ops import channel_compress, delta_update, fast_paths_enabled, token_conv
+from .delta_stats import DeltaStatsRecorder
+from .model_card import MODEL_CARD_NAME, is_generated_model_card, write_model_card
 
 
 class DDLRMSNorm(nn.Module):
@@ -69,6 +76,19 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+def _linear_fp32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` in fp32. (..., in) -> (..., out).
+
+    A plain `nn.Linear` runs with fp32 copies of its weights. A layer wrapped by an adapter library
+    (peft LoRA replaces the `nn.Linear` by a module that holds it) is called as a module, in its own
+    dtype, so that the adapter takes part instead of being silently bypassed.
+    """
+    if type(linear) is nn.Linear:
+        bias = None if linear.bias is None else linear.bias.float()
+        return F.linear(x.float(), linear.weight.float(), bias)
+    return linear(x.to(linear.weight.dtype)).float()
+
+
 class DeltaShortcut(nn.Module):
     """The Delta rewrite of a residual state, usable in any PyTorch network.
 
@@ -80,6 +100,9 @@ class DeltaShortcut(nn.Module):
     plain (..., d) when d_v = 1); `h` and `context` are (..., d); `block_input` (the
     un-normalized width-d input of the sublayer) is (..., d) and is what the value reads when
     `value_input="state"` (when d_v = 1 it defaults to `state`).
+
+    `layer_idx` and `sublayer` (`"attention"` or `"mlp"` inside `DDLDecoderLayer`) name the
+    shortcut in reports such as `record_delta_stats`.
 
     Example::
 
@@ -98,6 +121,8 @@ class DeltaShortcut(nn.Module):
         value_input: str = "state",
         value_activation: str = "sigmoid",
         value_scale: float = 4.0,
+        layer_idx: int | None = None,
+        sublayer: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("delta", "write_only"):
@@ -110,6 +135,10 @@ class DeltaShortcut(nn.Module):
         self.value_input = value_input
         self.value_activation = value_activation
         self.value_scale = value_scale
+        self.layer_idx = layer_idx
+        self.sublayer = sublayer
+        # Set only inside `record_delta_stats`; None keeps forward free of any recording work.
+        self._recorder: DeltaStatsRecorder | None = None
         if gate_hidden_size > 0:
             self.beta_hidden = nn.Linear(hidden_size, gate_hidden_size)
             self.beta_proj = nn.Linear(gate_hidden_size, 1)
@@ -139,13 +168,12 @@ class DeltaShortcut(nn.Module):
         """beta = 2 sigmoid(gate(context)), computed in fp32. (..., d) -> (..., 1)."""
         x = context.float()
         if self.beta_hidden is not None:
-            x = torch.tanh(F.linear(x, self.beta_hidden.weight.float(), self.beta_hidden.bias.float()))
-        logits = F.linear(x, self.beta_proj.weight.float(), self.beta_proj.bias.float())
-        return 2.0 * torch.sigmoid(logits)
+            x = torch.tanh(_linear_fp32(self.beta_hidden, x))
+        return 2.0 * torch.sigmoid(_linear_fp32(self.beta_proj, x))
 
     def value(self, source: torch.Tensor) -> torch.Tensor:
         """The value v read from `source`. (..., d) -> (..., d_v), fp32."""
-        v = F.linear(source.float(), self.value_proj.weight.float(), self.value_proj.bias.float())
+        v = _linear_fp32(self.value_proj, source)
         if self.value_activation == "sigmoid":
             v = self.value_scale * torch.sigmoid(v)
         return v
@@ -168,7 +196,9 @@ class DeltaShortcut(nn.Module):
         beta = self.gate(context)
         v = self.value(source)
         matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
-        new_state = delta_update_reference(matrix, h, beta, v, self.k_eps, erase=self.erase)
+        new_state = delta_update(matrix, h, beta, v, self.k_eps, erase=self.erase)
+        if self._recorder is not None:
+            self._recorder.record(self, state, h, beta, v, new_state.flatten(-2))
         return new_state.flatten(-2)
 
     def extra_repr(self) -> str:
@@ -176,6 +206,58 @@ class DeltaShortcut(nn.Module):
             f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, mode={self.mode}, "
             f"k_eps={self.k_eps}, value_input={self.value_input}, value_activation={self.value_activation}"
         )
+
+
+@contextmanager
+def record_delta_stats(model: nn.Module, recorder: DeltaStatsRecorder | None = None) -> Iterator[DeltaStatsRecorder]:
+    """Record gate and discrepancy statistics of every `DeltaShortcut` in `model`.
+
+    Inside the block each shortcut reports its calls to one `DeltaStatsRecorder` (see
+    `delta_stats`); `recorder.summary()` lists per shortcut, by `layer_idx` and `sublayer`, the
+    beta distribution and regimes, the mean discrepancy before and after the update and the mean
+    value norm. Padded tokens are excluded: the 2-D `attention_mask` of each call of `model`
+    becomes the recorder's `token_mask`. Leaving the block detaches everything, so forward passes
+    pay nothing when not recording; the recorder keeps its statistics.
+
+    Example::
+
+        with record_delta_stats(model) as stats:
+            for batch in batches:
+                model(**batch)
+        for entry in stats.summary():
+            print(entry["layer"], entry["sublayer"], entry["beta"]["regimes"])
+    """
+    shortcuts = [(name, module) for name, module in model.named_modules() if isinstance(module, DeltaShortcut)]
+    if not shortcuts:
+        raise ValueError(
+            "record_delta_stats: the model has no DeltaShortcut to record (an additive baseline, "
+            "residual_mode='additive', has no gates)"
+        )
+    busy = [name for name, shortcut in shortcuts if shortcut._recorder is not None]
+    if busy:
+        raise ValueError(f"record_delta_stats: already recording {busy[0]}; nested recording is not supported")
+    recorder = DeltaStatsRecorder() if recorder is None else recorder
+    for name, shortcut in shortcuts:
+        recorder.register(shortcut, name)
+    forward_signature = inspect.signature(model.forward)
+
+    def take_attention_mask(module, args, kwargs):
+        try:
+            mask = forward_signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        except TypeError:
+            mask = kwargs.get("attention_mask")
+        recorder.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    handle = model.register_forward_pre_hook(take_attention_mask, with_kwargs=True)
+    for _, shortcut in shortcuts:
+        shortcut._recorder = recorder
+    try:
+        yield recorder
+    finally:
+        handle.remove()
+        recorder.token_mask = None
+        for _, shortcut in shortcuts:
+            shortcut._recorder = None
 
 
 # --------------------------------------------------------------------------- short convolutions
@@ -191,8 +273,10 @@ def causal_depthwise_conv(
 
     Args:
         x: (B, T, C_in) inputs.
-        weight: (C_out, 1, K) one filter per output channel; C_out is a multiple of C_in and
-            output channel `i * (C_out // C_in) + j` reads input channel i.
+        weight: (C_out, C_in // groups, K) with groups = C_in // weight.shape[1], as in `F.conv1d`.
+            (C_out, 1, K) is one filter per output channel: output channel `i * (C_out // C_in) + j`
+            reads input channel i. The token compressor passes (d, d_v, K): output i sums the
+            filtered channels `i * d_v + j`.
         cache: a hybrid `DynamicCache` (or None): prefill stores the last K-1 inputs, decoding
             reads them back.
         padding_mask: (B, T) bool, False at padded positions, which are zeroed first so that a
@@ -203,12 +287,10 @@ def causal_depthwise_conv(
     """
     if padding_mask is not None:
         x = x.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
-    x = x.transpose(1, 2)
-    num_tokens, kernel_size = x.shape[-1], weight.shape[-1]
-    if kernel_size > 1:
-        if cache is None:
-            x = F.pad(x, (kernel_size - 1, 0))
-        else:
+    num_tokens, context = x.shape[1], weight.shape[-1] - 1
+    if context > 0:
+        decoding = False
+        if cache is not None:
             layer = cache.layers[layer_idx]
             if not isinstance(layer, LinearAttentionCacheLayerMixin):
                 raise ValueError(
@@ -216,9 +298,12 @@ def causal_depthwise_conv(
                     "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
                 )
             decoding = layer.has_previous_state[state_idx]
-            full = cache.update_conv_state(x, layer_idx, state_idx=state_idx, conv_kernel_size=kernel_size - 1)
-            x = full[..., -(num_tokens + kernel_size - 1) :] if decoding else F.pad(x, (kernel_size - 1, 0))
-    return F.conv1d(x, weight, groups=x.shape[1]).transpose(1, 2)
+            # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns
+            # them followed by x.
+            full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=state_idx, conv_kernel_size=context)
+        # Zero left context is padded on the token axis of (B, T, C), which keeps x token-major.
+        x = full[..., -(num_tokens + context) :].transpose(1, 2) if decoding else F.pad(x, (0, 0, context, 0))
+    return token_conv(x, weight)
 
 
 class StateCompressor(nn.Module):
@@ -255,10 +340,14 @@ class StateCompressor(nn.Module):
         state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.conv_weight is not None and fast_paths_enabled():
+            # The read over d_v folded into the token filters (a (d, d_v, K) product): one grouped
+            # convolution reads the (B, T, d * d_v) state once and writes only (B, T, d).
+            folded = self.conv_weight.view(self.hidden_size, self.value_channels, -1) * self.read_weight.unsqueeze(-1)
+            return causal_depthwise_conv(state, folded, cache, layer_idx, state_idx, padding_mask)
         if self.conv_weight is not None:
             state = causal_depthwise_conv(state, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
-        matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
-        return (matrix * self.read_weight).sum(-1)
+        return channel_compress(state.unflatten(-1, (self.hidden_size, self.value_channels)), self.read_weight)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
@@ -457,7 +546,7 @@ class DDLMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _make_shortcut(config: DDLConfig) -> DeltaShortcut | None:
+def _make_shortcut(config: DDLConfig, layer_idx: int, sublayer: str) -> DeltaShortcut | None:
     """The residual write of one sublayer: None means the additive `x + h`."""
     if config.residual_mode == "additive":
         return None
@@ -471,6 +560,8 @@ def _make_shortcut(config: DDLConfig) -> DeltaShortcut | None:
         value_input=config.value_input,
         value_activation=config.value_activation,
         value_scale=config.value_scale,
+        layer_idx=layer_idx,
+        sublayer=sublayer,
     )
 
 
@@ -495,8 +586,8 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.compressor = _make_compressor(config)
-        self.attn_shortcut = _make_shortcut(config)
-        self.mlp_shortcut = _make_shortcut(config)
+        self.attn_shortcut = _make_shortcut(config, layer_idx, "attention")
+        self.mlp_shortcut = _make_shortcut(config, layer_idx, "mlp")
         self._attn_slot = config.conv_state_index("attention_compressor")
         self._mlp_slot = config.conv_state_index("mlp_compressor")
 
@@ -561,6 +652,13 @@ class DDLPreTrainedModel(PreTrainedModel):
         "attentions": DDLAttention,
     }
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # transformers' custom-code shortcut marks every module without direct parameters as done
+        # without calling `_init_weights`, which would skip DDLAttention, DDLMLP and DeltaShortcut
+        # (their weights sit in child Linears). `_init_weights` only uses the flag-respecting
+        # `transformers.initialization` helpers, so loaded weights stay untouched without it.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Authors' init (spec section 4): embeddings and LM head N(0, initializer_range);
@@ -584,9 +682,115 @@ class DDLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (StateCompressor, EmbedExpansion)):
             module.reset_parameters()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses a checkpoint which does not fill the model exactly.
+
+        transformers only logs missing, unexpected or re-initialized weights, which leaves a silently
+        half-trained model. Here any of them raises a `ValueError` naming the weights file and listing
+        the keys (`ignore_mismatched_sizes=True` still re-initializes shape-mismatched weights when asked
+        for), and a truncated or corrupt safetensors file raises a `ValueError` naming that file.
+        """
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        subfolder = kwargs.get("subfolder", "")
+        try:
+            # Mismatched shapes are let through here so that the error below can list them.
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **kwargs,
+            )
+        except SafetensorError as error:
+            source = _unreadable_safetensors_file(pretrained_model_name_or_path, subfolder)
+            raise ValueError(
+                f"{source}: cannot read the safetensors weights ({error}); the file is truncated or corrupt, "
+                "save or download it again"
+            ) from error
+        problems = _loading_problems(loading_info, allow_mismatched)
+        if problems:
+            source = _weights_source(pretrained_model_name_or_path, subfolder)
+            raise ValueError(
+                f"{source} does not match the {cls.__name__} its config.json describes ({model.config.variant_name}, "
+                f"hidden_size={model.config.hidden_size}, value_channels={model.config.value_channels}): "
+                + "; ".join(problems)
+                + ". Refusing to return a partly initialized model: config.json and the weights must come from "
+                "the same save_pretrained call."
+            )
+        return (model, loading_info) if wants_loading_info else model
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus a README.md model card (`model_card.write_model_card`:
+        variant, DDL fields, parameter count, metrics from `metrics.json`). A README.md that the folder
+        already holds and that was not generated by this package is left alone."""
+        if self._auto_class is not None:
+            # transformers writes only the saved class's own `auto_map` entry; advertise the backbone too,
+            # so that `AutoModel.from_pretrained(dir, trust_remote_code=True)` works on a causal-LM folder.
+            module_name = type(self).__module__.rsplit(".", 1)[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module_name}.DDLModel",
+            }
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if not self.should_save_on_this_rank(is_main_process) or not os.path.isdir(save_directory):
+            return
+        readme = os.path.join(save_directory, MODEL_CARD_NAME)
+        if not os.path.exists(readme) or is_generated_model_card(readme):
+            write_model_card(save_directory, self)
+
+
+def _weights_source(pretrained_model_name_or_path, subfolder: str = "") -> str:
+    """The weights file (or index) of a local checkpoint folder, else a description of the source."""
+    if pretrained_model_name_or_path is None:
+        return "the given state_dict"
+    folder = os.path.join(str(pretrained_model_name_or_path), subfolder)
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return f"checkpoint {str(pretrained_model_name_or_path)!r}"
+
+
+def _unreadable_safetensors_file(pretrained_model_name_or_path, subfolder: str = "") -> str:
+    """The first safetensors file of a local folder that safetensors cannot open."""
+    folder = os.path.join(str(pretrained_model_name_or_path), subfolder)
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            return path
+    return _weights_source(pretrained_model_name_or_path, subfolder)
+
+
+def _loading_problems(loading_info: dict, allow_mismatched: bool, shown: int = 8) -> list[str]:
+    """Human-readable lines for every weight the checkpoint failed to provide exactly."""
+
+    def listing(keys: list[str]) -> str:
+        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+        return ", ".join(keys[:shown]) + more
+
+    problems = []
+    missing = sorted(loading_info.get("missing_keys", ()))
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing from the file: {listing(missing)}")
+    unexpected = sorted(loading_info.get("unexpected_keys", ()))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected weight(s) in the file: {listing(unexpected)}")
+    mismatched = sorted(loading_info.get("mismatched_keys", ()))
+    if mismatched and not allow_mismatched:
+        shapes = [f"{key} (file {tuple(saved)} vs model {tuple(expected)})" for key, saved, expected in mismatched]
+        problems.append(f"{len(mismatched)} weight(s) with a different shape: {listing(shapes)}")
+    problems += [str(message) for message in loading_info.get("error_msgs", ())]
+    return problems
+
 
 class DDLModel(DDLPreTrainedModel):
     """The DDL decoder without a head. Returns the final normalized readout (B, T, d)."""
+
+    # Loading the backbone from a causal-LM checkpoint with an untied head drops the head on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
 
     def __init__(self, config: DDLConfig) -> None:
         super().__init__(config)
@@ -611,12 +815,15 @@ class DDLModel(DDLPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache, position_ids=None) -> None:
+        """Clear ValueErrors for malformed inputs, before any embedding lookup or indexing can fail."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DDLModel.forward needs exactly one of `input_ids` or `inputs_embeds`")
         tokens = input_ids if input_ids is not None else inputs_embeds
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
+            raise ValueError(f"`input_ids` must be an integer tensor of token ids, got dtype {input_ids.dtype}")
         if inputs_embeds is not None and (
             inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
         ):
@@ -643,6 +850,24 @@ class DDLModel(DDLPreTrainedModel):
                 f"`attention_mask` must have shape (batch, past + seq_len) = ({batch}, {past + length}), "
                 f"got {tuple(attention_mask.shape)}"
             )
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
+            raise ValueError(
+                "`attention_mask` must be a (batch, past + seq_len) padding mask or a (batch, 1, seq_len, kv_len) "
+                f"mask, got shape {tuple(attention_mask.shape)}"
+            )
+        if attention_mask is not None and attention_mask.dim() == 4 and (
+            attention_mask.shape[0] != batch or attention_mask.shape[2] != length
+        ):
+            raise ValueError(
+                f"a 4D `attention_mask` must have shape ({batch}, 1 or heads, {length}, kv_len), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is not None and (
+            position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length
+        ):
+            raise ValueError(
+                f"`position_ids` must have shape ({batch} or 1, {length}), got {tuple(position_ids.shape)}"
+            )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
@@ -657,7 +882,12 @@ class DDLModel(DDLPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
+        # `generate` with a compileable (static) cache passes the masks prebuilt, keyed by layer type:
+        # "full_attention" for attention, "linear_attention" (2-D padding or None) for the token convolutions.
+        prebuilt_masks = attention_mask if isinstance(attention_mask, dict) else None
+        if prebuilt_masks is not None:
+            attention_mask = None
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -678,6 +908,10 @@ class DDLModel(DDLPreTrainedModel):
         padding_mask = None
         if self.config.cache_layer_type == "hybrid" and attention_mask is not None and attention_mask.dim() == 2:
             padding_mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
+        if prebuilt_masks is not None:
+            causal_mask = prebuilt_masks["full_attention"]
+            linear_mask = prebuilt_masks.get("linear_attention")
+            padding_mask = None if linear_mask is None else linear_mask.bool()
 
         state = inputs_embeds
         if self.embed_expansion is not None:
@@ -705,6 +939,20 @@ class DDLModel(DDLPreTrainedModel):
                 padding_mask,
             )
         return BaseModelOutputWithPast(last_hidden_state=self.norm(state), cache=cache)
+
+
+def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Labels must be token ids or `ignore_index`: cross-entropy would otherwise fail on an index error."""
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"`labels` must be an integer tensor of token ids, got dtype {labels.dtype}")
+    if torch.compiler.is_compiling():
+        return
+    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(invalid.any()):
+        raise ValueError(
+            f"`labels` must be token ids in [0, vocab_size={vocab_size}) or {ignore_index} (no loss), "
+            f"got {int(labels[invalid][0])}"
+        )
 
 
 def _cache_batch_size(cache: Cache) -> int | None:
@@ -758,6 +1006,7 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
                     f"`labels` must have the shape of the inputs {tuple(reference.shape[:2])}, "
                     f"got {tuple(labels.shape)}"
                 )
+            _check_labels(labels, self.config.vocab_size, kwargs.get("ignore_index", -100))
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -786,6 +1035,7 @@ __all__ = [
     "DDLModel",
     "DDLForCausalLM",
     "DeltaShortcut",
+    "record_delta_stats",
     "StateCompressor",
     "EmbedExpansion",
     "causal_depthwise_conv",

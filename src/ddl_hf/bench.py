@@ -1,0 +1,436 @@
+"""`ddl bench`: speed and memory of DDL variants against the additive baseline.
+
+Every variant is built at the same size preset, then measured side by side in one process:
+each kind of measurement runs all variants in turn, `--repeats` times, with the order rotated
+every round, after `--warmup` untimed runs, and the median is reported. Noise from other work
+on the machine therefore hits all variants alike. The load average before and after is
+recorded in the JSON config, so a reader can judge how quiet the machine was.
+
+Measurements (tokens are batch_size x seq_len per forward unless said otherwise):
+
+- train: one optimizer step, forward with labels + backward + `AdamW.step` + `zero_grad`.
+- prefill: one forward without labels and without a cache, under `torch.inference_mode`.
+- decode: after a prompt of `--decode_prompt_len` tokens, `--decode_tokens` greedy steps of one
+  token with the cache, at each batch size of `--decode_batch_sizes`; new tokens per second.
+- peak memory of a training step, measured in a fresh subprocess per variant (so variants never
+  share an allocator): on CUDA `torch.cuda.max_memory_allocated()`; on CPU the growth of the
+  process's peak resident set size (Linux `VmHWM`, reset just before the model is built, so the
+  imports do not count) over its resident size at that moment. Both count weights, gradients,
+  AdamW state and the activations of the step.
+- activations: bytes of the distinct tensors autograd saves for backward in one training
+  forward (weights excluded), counted with `torch.autograd.graph.saved_tensors_hooks`. This
+  is exact and free of allocator noise.
+
+Each figure is also given as a ratio to `baseline` (added to `--variants` when missing).
+`--reference` runs the plain reference implementations of `delta_ops` instead of the fast
+paths, to show what the fast paths buy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+
+from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
+from .delta_ops import reference_paths
+from .modeling_ddl import DDLForCausalLM
+
+DEFAULT_VARIANTS = ["baseline", "ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASELINE = "baseline"
+TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddl bench",
+        description="Measure training, prefill and decode throughput and training memory of DDL variants "
+        "against the additive baseline, side by side in one process.",
+    )
+    parser.add_argument("--preset", default="mini", help=f"model size preset: {list(PRESET_SIZES)} (default mini)")
+    parser.add_argument(
+        "--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"preset variants (default {DEFAULT_VARIANTS})"
+    )
+    parser.add_argument("--seq_len", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per batch (default 8)")
+    parser.add_argument("--dtype", default="float32", help=f"model dtype: {list(DTYPES)} (default float32)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per variant first (default 2)")
+    parser.add_argument("--decode_batch_sizes", type=int, nargs="+", default=[1, 8], help="(default 1 8)")
+    parser.add_argument("--decode_prompt_len", type=int, default=64, help="prompt tokens before decoding (default 64)")
+    parser.add_argument("--decode_tokens", type=int, default=32, help="new tokens per decode run (default 32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--timer",
+        default="wall",
+        help="wall (elapsed time, default) or cpu (CPU time of this process: robust to other load on the machine, "
+        "meaningful with --threads 1 on CPU only)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default 0)")
+    parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory (no subprocesses)")
+    parser.add_argument(
+        "--reference", action="store_true", help="run the plain reference ops of delta_ops instead of the fast paths"
+    )
+    parser.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
+    # Internal: the fresh subprocess that measures one variant's peak memory.
+    parser.add_argument("--memory_worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    unknown = [name for name in args.variants if name not in PRESET_VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown variant(s) {unknown}; allowed: {list(PRESET_VARIANTS)}")
+    if len(set(args.variants)) != len(args.variants):
+        raise ValueError(f"--variants lists a variant twice: {args.variants}")
+    if args.preset not in PRESET_SIZES:
+        raise ValueError(f"--preset {args.preset!r} is unknown; allowed presets: {list(PRESET_SIZES)}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype {args.dtype!r} is unknown; allowed: {list(DTYPES)}")
+    for name in ("seq_len", "batch_size", "repeats", "decode_prompt_len", "decode_tokens"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name} must be an integer >= 1, got {value}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be an integer >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {args.threads}")
+    if any(size < 1 for size in args.decode_batch_sizes):
+        raise ValueError(f"--decode_batch_sizes must be integers >= 1, got {args.decode_batch_sizes}")
+    args.device = resolve_device(args.device)
+    if args.timer not in TIMERS:
+        raise ValueError(f"--timer must be one of {list(TIMERS)}, got {args.timer!r}")
+    if args.timer == "cpu" and args.device != "cpu":
+        raise ValueError("--timer cpu measures CPU time and needs --device cpu")
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available in this torch installation")
+        return name
+    raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+
+
+# --------------------------------------------------------------------------- workloads
+class Workload:
+    """One variant's model, optimizer and fixed inputs."""
+
+    def __init__(self, args: argparse.Namespace, variant: str) -> None:
+        torch.manual_seed(args.seed)
+        self.config = DDLConfig.from_preset(args.preset, variant)
+        self.model = DDLForCausalLM(self.config).to(device=args.device, dtype=DTYPES[args.dtype])
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        generator = torch.Generator().manual_seed(args.seed)
+        vocab = self.config.vocab_size
+        self.input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
+        self.prompts = {
+            size: torch.randint(0, vocab, (size, args.decode_prompt_len), generator=generator).to(args.device)
+            for size in args.decode_batch_sizes
+        }
+        self.decode_tokens = args.decode_tokens
+
+    def train_step(self) -> None:
+        self.model.train()
+        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def prefill(self) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(input_ids=self.input_ids, use_cache=False)
+
+    def decode(self, batch_size: int, clock: Callable[[], float] = time.perf_counter) -> float:
+        """Seconds spent on `decode_tokens` cached one-token steps (the prompt is not timed)."""
+        self.model.eval()
+        device = self.input_ids.device
+        with torch.inference_mode():
+            out = self.model(input_ids=self.prompts[batch_size], use_cache=True, logits_to_keep=1)
+            cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            _synchronize(device)
+            start = clock()
+            for _ in range(self.decode_tokens):
+                out = self.model(input_ids=token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            _synchronize(device)
+            return clock() - start
+
+    def activation_bytes(self) -> int:
+        """Bytes of the distinct non-parameter tensors saved for backward by one training forward."""
+        parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        self.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        del loss
+        return sum(storages.values())
+
+
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(function: Callable[[], object], device: str, clock: Callable[[], float]) -> float:
+    _synchronize(device)
+    start = clock()
+    function()
+    _synchronize(device)
+    return clock() - start
+
+
+def interleaved_medians(
+    variants: list[str], measure: Callable[[str], float], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median over `repeats` rounds of `measure(variant)`; each round visits every variant, starting
+    one variant later than the round before, after `warmup` untimed rounds."""
+    for _ in range(warmup):
+        for variant in variants:
+            measure(variant)
+    samples: dict[str, list[float]] = {variant: [] for variant in variants}
+    for round_index in range(repeats):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            samples[variant].append(measure(variant))
+    return {variant: statistics.median(values) for variant, values in samples.items()}
+
+
+# --------------------------------------------------------------------------- memory
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`) in bytes; None without /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_resident() -> bool:
+    """Reset the peak resident set size (Linux >= 4.0), so imports do not count; False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_resident_bytes() -> int:
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def measure_memory_here(args: argparse.Namespace, variant: str, steps: int = 3) -> int:
+    """Peak memory of training steps of one variant, in this (fresh) process. See the module docstring."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+    else:
+        # Without the reset (not Linux), the peak of the imports may hide a smaller training peak.
+        start = _proc_status_bytes("VmRSS") if _reset_peak_resident() else _peak_resident_bytes()
+    workload = Workload(args, variant)
+    for _ in range(steps):
+        workload.train_step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - start
+    return _peak_resident_bytes() - start
+
+
+def measure_memory_in_subprocess(args: argparse.Namespace, variant: str) -> int:
+    command = [sys.executable, "-m", "ddl_hf.cli", "bench", "--memory_worker", variant]
+    command += ["--preset", args.preset, "--seq_len", str(args.seq_len), "--batch_size", str(args.batch_size)]
+    command += ["--dtype", args.dtype, "--device", args.device, "--seed", str(args.seed)]
+    command += ["--decode_batch_sizes", "1", "--decode_prompt_len", "1"]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    if args.reference:
+        command.append("--reference")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the memory measurement of {variant} failed:\n{done.stderr[-2000:]}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_memory_bytes"])
+
+
+# --------------------------------------------------------------------------- report
+def run_benchmark(args: argparse.Namespace) -> dict:
+    variants = args.variants if BASELINE in args.variants else [BASELINE, *args.variants]
+    load_before = _load_average()
+    workloads = {variant: Workload(args, variant) for variant in variants}
+    device, clock = args.device, TIMERS[args.timer]
+    tokens = args.batch_size * args.seq_len
+
+    def throughput(function_of: Callable[[Workload], Callable[[], object]], count: int) -> dict[str, float]:
+        seconds = interleaved_medians(
+            variants, lambda name: _timed(function_of(workloads[name]), device, clock), args.repeats, args.warmup
+        )
+        return {name: count / value for name, value in seconds.items()}
+
+    metrics: dict[str, dict[str, float]] = {name: {} for name in variants}
+    for name, value in throughput(lambda w: w.train_step, tokens).items():
+        metrics[name]["train_tokens_per_s"] = value
+    for name, value in throughput(lambda w: w.prefill, tokens).items():
+        metrics[name]["prefill_tokens_per_s"] = value
+    for size in args.decode_batch_sizes:
+        seconds = interleaved_medians(
+            variants, lambda name, size=size: workloads[name].decode(size, clock), args.repeats, min(args.warmup, 1)
+        )
+        for name, value in seconds.items():
+            metrics[name][f"decode_batch_{size}_tokens_per_s"] = size * args.decode_tokens / value
+    largest = max(args.decode_batch_sizes)
+    for name in variants:
+        metrics[name]["decode_tokens_per_s"] = metrics[name][f"decode_batch_{largest}_tokens_per_s"]
+        metrics[name]["activation_bytes"] = workloads[name].activation_bytes()
+    workloads.clear()  # free them before the memory subprocesses run
+    if not args.skip_memory:
+        for name in variants:
+            metrics[name]["peak_memory_bytes"] = measure_memory_in_subprocess(args, name)
+
+    results = {}
+    for name in variants:
+        entry = dict(metrics[name])
+        for key, value in metrics[name].items():
+            entry[_ratio_key(key)] = value / metrics[BASELINE][key]
+        results[name] = entry
+    config = {
+        "preset": args.preset,
+        "variants": variants,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": device,
+        "device_name": _device_name(device),
+        "threads": torch.get_num_threads(),
+        "timer": args.timer,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "decode_batch_sizes": args.decode_batch_sizes,
+        "decode_prompt_len": args.decode_prompt_len,
+        "decode_tokens": args.decode_tokens,
+        "ops": "reference" if args.reference else "fast",
+        "memory": None if args.skip_memory else _memory_definition(device),
+        "load_average_before": load_before,
+        "load_average_after": _load_average(),
+        "torch": torch.__version__,
+    }
+    return {"config": config, "results": results}
+
+
+def _ratio_key(key: str) -> str:
+    """`train_tokens_per_s` -> `train_ratio`, `peak_memory_bytes` -> `memory_ratio`, ..."""
+    for suffix in ("_tokens_per_s", "_bytes"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
+    return ("memory" if key == "peak_memory" else key) + "_ratio"
+
+
+def _memory_definition(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return "torch.cuda.max_memory_allocated over 3 training steps, fresh process per variant"
+    return "peak RSS growth over 3 training steps from just before model creation, fresh process per variant"
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def format_table(report: dict) -> str:
+    """A markdown table: each figure with its ratio to the baseline."""
+    config, results = report["config"], report["results"]
+    columns = [
+        ("train tok/s", "train_tokens_per_s", "train_ratio"),
+        ("prefill tok/s", "prefill_tokens_per_s", "prefill_ratio"),
+    ]
+    columns += [
+        (f"decode b{size} tok/s", f"decode_batch_{size}_tokens_per_s", f"decode_batch_{size}_ratio")
+        for size in config["decode_batch_sizes"]
+    ]
+    columns.append(("activations MiB", "activation_bytes", "activation_ratio"))
+    if config["memory"] is not None:
+        columns.append(("peak memory MiB", "peak_memory_bytes", "memory_ratio"))
+    header = "| variant | " + " | ".join(title for title, _, _ in columns) + " |"
+    lines = [header, "|---|" + "---:|" * len(columns)]
+    for name, entry in results.items():
+        cells = []
+        for _, key, ratio in columns:
+            value = entry[key] / 2**20 if key.endswith("_bytes") else entry[key]
+            shown = f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+            cells.append(f"{shown} ({entry[ratio]:.2f}x)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.memory_worker is not None:
+            args.variants = [args.memory_worker]
+        check_arguments(args)
+    except ValueError as error:
+        print(f"ddl bench: error: {error}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    with reference_paths() if args.reference else nullcontext():
+        if args.memory_worker is not None:
+            print(json.dumps({"peak_memory_bytes": measure_memory_here(args, args.memory_worker)}))
+            return 0
+        report = run_benchmark(args)
+    print(
+        f"ddl bench: preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, {args.dtype} on "
+        f"{report['config']['device_name']} ({report['config']['threads']} threads), {args.repeats} rounds, "
+        f"{report['config']['ops']} ops, load average {report['config']['load_average_before']} -> "
+        f"{report['config']['load_average_after']}"
+    )
+    print(format_table(report))
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

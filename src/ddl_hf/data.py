@@ -1,0 +1,450 @@
+"""Training data for `ddl train`: load documents, tokenize them, pack them into fixed-length blocks.
+
+Sources, in order of precedence:
+
+1. `--dataset_name` (a hub dataset, or a local dataset folder) with `--dataset_config_name`;
+   `--streaming` reads it lazily instead of downloading it whole.
+2. `--train_file` / `--validation_file`: `.txt` (split into documents by `--txt_sample_by`),
+   `.json` / `.jsonl` or `.parquet` (one document per row, text in `--text_column`).
+3. Nothing: the built-in offline corpus, the Python standard library sources of the running
+   interpreter (test folders and site-packages excluded), split into train and validation by a
+   hash of each file's path, so the split never changes for a given Python version.
+
+Every document is tokenized without special tokens and followed by EOS; the token stream is then
+cut into blocks of `block_size` tokens (attention crosses document boundaries, as in GPT-style
+pretraining). Tokenizing and packing run through `datasets.map` with fingerprints derived from
+the data, the tokenizer's content and the block size, so a second run reuses the cached Arrow
+files. When the source has no validation split, a deterministic random
+`validation_split_percentage` of the packed blocks is held out (the first blocks of a stream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, Features, IterableDataset, Sequence, Value, load_dataset
+
+logger = logging.getLogger(__name__)
+
+# Files of the built-in corpus whose path hashes below this percentage form its validation split.
+BUILTIN_VALIDATION_PERCENT = 5
+BUILTIN_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
+# Seed of the held-out validation blocks: fixed, so every training seed is evaluated on the same blocks.
+VALIDATION_SPLIT_SEED = 1234
+STREAMING_VALIDATION_BLOCKS = 100
+LOCAL_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TXT_SAMPLE_BY = ("document", "paragraph", "line")
+# Bump when the tokenize or pack functions change, so old cache files are not reused.
+PIPELINE_VERSION = "1"
+
+
+@dataclass
+class DataArguments:
+    """Where the training text comes from and how it becomes blocks of tokens."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "hub dataset name (or local dataset folder) for load_dataset"}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "configuration of --dataset_name"})
+    streaming: bool = field(
+        default=False, metadata={"help": "stream the dataset instead of downloading it (needs max_steps)"}
+    )
+    train_file: str | None = field(default=None, metadata={"help": "local .txt, .json, .jsonl or .parquet file"})
+    validation_file: str | None = field(default=None, metadata={"help": "local validation file (same formats)"})
+    text_column: str = field(default="text", metadata={"help": "column holding the documents' text"})
+    txt_sample_by: str = field(
+        default="document",
+        metadata={"help": "how a .txt file splits into documents (EOS between them)", "choices": TXT_SAMPLE_BY},
+    )
+    block_size: int | None = field(
+        default=256,
+        metadata={"help": "tokens per training block (null: the model's max_position_embeddings)"},
+    )
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={"help": "percent of the packed blocks held out for validation when the data has no validation split"},
+    )
+    max_eval_samples: int | None = field(
+        default=64, metadata={"help": "evaluate on at most this many validation blocks (null: all of them)"}
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "processes for datasets.map"})
+    dataset_cache_dir: str | None = field(
+        default=None, metadata={"help": "cache folder for datasets (default: the datasets library's own)"}
+    )
+
+    def __post_init__(self):
+        if self.txt_sample_by not in TXT_SAMPLE_BY:
+            raise ValueError(f"--txt_sample_by must be one of {list(TXT_SAMPLE_BY)}, got {self.txt_sample_by!r}")
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}"
+            )
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"--block_size must be >= 2 (inputs and a next-token target), got {self.block_size}")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be >= 1, got {self.max_eval_samples}")
+        if self.dataset_name is not None and (self.train_file is not None or self.validation_file is not None):
+            raise ValueError("give either --dataset_name or --train_file/--validation_file, not both")
+        if self.validation_file is not None and self.train_file is None:
+            raise ValueError("--validation_file needs a --train_file")
+
+    @property
+    def source_description(self) -> str:
+        if self.dataset_name is not None:
+            config = f" ({self.dataset_config_name})" if self.dataset_config_name else ""
+            return f"dataset {self.dataset_name!r}{config}"
+        if self.train_file is not None:
+            return f"file {self.train_file!r}"
+        return "the built-in corpus (Python standard library sources)"
+
+
+@dataclass
+class LMDatasets:
+    """Packed training and validation blocks, each row `{"input_ids": block_size token ids}`."""
+
+    train: Dataset | IterableDataset
+    validation: Dataset
+    block_size: int
+    source: str
+    stats: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- built-in corpus
+def builtin_corpus_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def builtin_corpus_split(relative_path: str) -> str:
+    """`"validation"` for about BUILTIN_VALIDATION_PERCENT % of the files, chosen by a hash of the path."""
+    bucket = int(hashlib.sha256(relative_path.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "validation" if bucket < BUILTIN_VALIDATION_PERCENT else "train"
+
+
+def builtin_corpus_documents(split: str) -> list[tuple[str, str]]:
+    """(relative path, source text) of every standard-library `.py` file of `split`, sorted by path."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"the built-in corpus has splits 'train' and 'validation', got {split!r}")
+    root = builtin_corpus_root()
+    relative_paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in BUILTIN_EXCLUDED_DIRS]  # never descend
+        relative_folder = Path(folder).relative_to(root)
+        relative_paths += [(relative_folder / name).as_posix() for name in files if name.endswith(".py")]
+    return [
+        (relative, (root / relative).read_text(encoding="utf-8", errors="replace"))
+        for relative in sorted(relative_paths)
+        if builtin_corpus_split(relative) == split
+    ]
+
+
+def _generate_documents(documents: list[tuple[str, str]]) -> Iterator[dict]:
+    for path, text in documents:
+        yield {"path": path, "text": text}
+
+
+def load_builtin_corpus(cache_dir: str | None = None) -> DatasetDict:
+    """The built-in corpus as Arrow datasets with columns `path` and `text` (cached by content hash)."""
+    splits = {}
+    for split in ("train", "validation"):
+        documents = builtin_corpus_documents(split)
+        digest = hashlib.sha256()
+        for path, text in documents:
+            digest.update(path.encode("utf-8") + b"\0" + text.encode("utf-8") + b"\0")
+        splits[split] = Dataset.from_generator(
+            _generate_documents,
+            gen_kwargs={"documents": documents},
+            features=Features({"path": Value("string"), "text": Value("string")}),
+            cache_dir=cache_dir,
+            split=split,
+            fingerprint=f"ddl-stdlib-{split}-{digest.hexdigest()[:32]}",
+        )
+    return DatasetDict(splits)
+
+
+# --------------------------------------------------------------------------- local files and hub datasets
+def _local_builder(path: str, argument: str) -> str:
+    if not Path(path).is_file():
+        raise ValueError(f"{argument} {path!r} does not exist or is not a file")
+    suffix = Path(path).suffix.lower()
+    if suffix not in LOCAL_FILE_BUILDERS:
+        raise ValueError(
+            f"{argument} {path!r}: unsupported extension {suffix!r}; use one of {list(LOCAL_FILE_BUILDERS)}"
+        )
+    return LOCAL_FILE_BUILDERS[suffix]
+
+
+def load_local_text_file(
+    path: str,
+    text_column: str = "text",
+    argument: str = "--train_file",
+    txt_sample_by: str = "document",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> Dataset | IterableDataset:
+    """One local file as a dataset of documents whose text is in `text_column`."""
+    builder = _local_builder(path, argument)
+    if Path(path).stat().st_size == 0:
+        raise ValueError(f"{argument} {path!r} is empty: it has no documents")
+    options = {"sample_by": txt_sample_by, "keep_linebreaks": True} if builder == "text" else {}
+    try:
+        dataset = load_dataset(
+            builder, data_files={"train": path}, split="train", streaming=streaming, cache_dir=cache_dir, **options
+        )
+    except Exception as error:  # pyarrow and json parsers raise many types for a malformed file
+        raise ValueError(f"{argument} {path!r} cannot be read as {builder}: {error!r}") from error
+    if builder == "text" and text_column != "text":
+        dataset = dataset.rename_column("text", text_column)
+    _check_text_column(dataset, text_column, f"{argument} {path!r}")
+    return dataset
+
+
+def _column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)
+    return [] if first is None else list(first)
+
+
+def _check_text_column(dataset: Dataset | IterableDataset, text_column: str, source: str) -> None:
+    columns = _column_names(dataset)
+    if (isinstance(dataset, Dataset) and len(dataset) == 0) or not columns:
+        raise ValueError(f"{source} is empty: it has no documents")
+    if text_column not in columns:
+        raise ValueError(f"--text_column {text_column!r} not found in {source}; its columns are {columns}")
+
+
+def load_documents(data_args: DataArguments) -> tuple[Dataset | IterableDataset, Dataset | IterableDataset | None]:
+    """(train documents, validation documents or None) for the source chosen by `data_args`."""
+    cache_dir = data_args.dataset_cache_dir
+    if data_args.dataset_name is not None:
+        try:
+            raw = load_dataset(
+                data_args.dataset_name,
+                data_args.dataset_config_name,
+                streaming=data_args.streaming,
+                cache_dir=cache_dir,
+            )
+        except Exception as error:  # the datasets library raises many types for a missing or unreachable dataset
+            raise ValueError(f"could not load --dataset_name {data_args.dataset_name!r}: {error}") from error
+        if "train" not in raw:
+            raise ValueError(f"--dataset_name {data_args.dataset_name!r} has no 'train' split; splits: {list(raw)}")
+        source = data_args.source_description
+        _check_text_column(raw["train"], data_args.text_column, source)
+        validation = raw["validation"] if "validation" in raw else None
+        if validation is not None:
+            _check_text_column(validation, data_args.text_column, f"{source} (validation split)")
+        return raw["train"], validation
+    if data_args.train_file is not None:
+        kwargs = dict(
+            text_column=data_args.text_column,
+            txt_sample_by=data_args.txt_sample_by,
+            streaming=data_args.streaming,
+            cache_dir=cache_dir,
+        )
+        train = load_local_text_file(data_args.train_file, argument="--train_file", **kwargs)
+        validation = None
+        if data_args.validation_file is not None:
+            validation = load_local_text_file(data_args.validation_file, argument="--validation_file", **kwargs)
+        return train, validation
+    if data_args.streaming:
+        raise ValueError("--streaming needs --dataset_name or --train_file; the built-in corpus is small enough")
+    if data_args.text_column != "text":
+        raise ValueError(f"the built-in corpus has a 'text' column, not --text_column {data_args.text_column!r}")
+    corpus = load_builtin_corpus(cache_dir)
+    return corpus["train"], corpus["validation"]
+
+
+# --------------------------------------------------------------------------- tokenize and pack
+class DocumentTokenizer:
+    """`datasets.map` function: documents -> token ids followed by EOS (empty documents are skipped)."""
+
+    def __init__(self, tokenizer, text_column: str) -> None:
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        texts = []
+        for text in batch[self.text_column]:
+            if text is None or text == "":
+                continue
+            if not isinstance(text, str):
+                raise ValueError(f"--text_column {self.text_column!r} must hold strings, found a {type(text).__name__}")
+            texts.append(text)
+        encoded = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
+        input_ids = [ids + [self.eos_token_id] for ids in encoded]
+        return {"input_ids": input_ids, "num_tokens": [len(ids) for ids in input_ids]}
+
+
+class BlockPacker:
+    """`datasets.map` function: concatenates a batch of tokenized documents and cuts it into blocks.
+
+    The tokens after the last full block of each map batch (fewer than `block_size`) are dropped;
+    `pack_into_blocks` reports how many.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        stream = list(chain.from_iterable(batch["input_ids"]))
+        usable = len(stream) - len(stream) % self.block_size
+        return {"input_ids": [stream[i : i + self.block_size] for i in range(0, usable, self.block_size)]}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: the serialized tokenizer and its EOS id."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    content = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{content}\0{tokenizer.eos_token_id}".encode()).hexdigest()[:32]
+
+
+def _derived_fingerprint(*parts) -> str:
+    return hashlib.sha256("\0".join(str(part) for part in (PIPELINE_VERSION, *parts)).encode()).hexdigest()[:32]
+
+
+TOKENIZED_FEATURES = Features({"input_ids": Sequence(Value("int32")), "num_tokens": Value("int64")})
+PACKED_FEATURES = Features({"input_ids": Sequence(Value("int32"))})
+
+
+def tokenize_documents(dataset, tokenizer, text_column: str, num_proc: int | None = None):
+    """Token ids of every non-empty document followed by EOS: columns `input_ids`, `num_tokens`."""
+    columns = _column_names(dataset)
+    function = DocumentTokenizer(tokenizer, text_column)
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(function, batched=True, remove_columns=columns, features=TOKENIZED_FEATURES)
+    return dataset.map(
+        function,
+        batched=True,
+        remove_columns=columns,
+        features=TOKENIZED_FEATURES,
+        num_proc=num_proc,
+        new_fingerprint=_derived_fingerprint(
+            "tokenize", dataset._fingerprint, tokenizer_fingerprint(tokenizer), text_column
+        ),
+        desc="Tokenizing",
+    )
+
+
+def pack_into_blocks(tokenized, block_size: int, num_proc: int | None = None):
+    """Blocks of exactly `block_size` token ids cut from the concatenated documents."""
+    function = BlockPacker(block_size)
+    if isinstance(tokenized, IterableDataset):
+        return tokenized.map(
+            function, batched=True, remove_columns=["input_ids", "num_tokens"], features=PACKED_FEATURES
+        )
+    return tokenized.map(
+        function,
+        batched=True,
+        remove_columns=["input_ids", "num_tokens"],
+        features=PACKED_FEATURES,
+        num_proc=num_proc,
+        new_fingerprint=_derived_fingerprint("pack", tokenized._fingerprint, block_size),
+        desc=f"Packing into blocks of {block_size}",
+    )
+
+
+def _packed(dataset, tokenizer, data_args: DataArguments, block_size: int, source: str) -> tuple:
+    tokenized = tokenize_documents(dataset, tokenizer, data_args.text_column, data_args.preprocessing_num_workers)
+    packed = pack_into_blocks(tokenized, block_size, data_args.preprocessing_num_workers)
+    if isinstance(packed, IterableDataset):
+        return packed, {}
+    total_tokens = sum(tokenized["num_tokens"])
+    if total_tokens == 0:
+        raise ValueError(f"{source} has no text: every document in --text_column {data_args.text_column!r} is empty")
+    if len(packed) == 0:
+        raise ValueError(
+            f"{source} has {total_tokens} tokens, fewer than one block of --block_size {block_size}; "
+            "lower --block_size or add data"
+        )
+    stats = {"documents": len(tokenized), "tokens": total_tokens, "blocks": len(packed)}
+    stats["dropped_tokens"] = total_tokens - len(packed) * block_size
+    return packed, stats
+
+
+def build_lm_datasets(
+    data_args: DataArguments,
+    tokenizer,
+    block_size: int,
+    main_process_first: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> LMDatasets:
+    """Load, tokenize, pack and split the data chosen by `data_args` (see the module docstring).
+
+    `main_process_first` is a context-manager factory (the Trainer's `main_process_first`) so that in
+    a multi-process run one process fills the caches and the others read them.
+    """
+    source = data_args.source_description
+    with main_process_first():
+        train_documents, validation_documents = load_documents(data_args)
+        train, train_stats = _packed(train_documents, tokenizer, data_args, block_size, source)
+        stats = {f"train_{key}": value for key, value in train_stats.items()}
+        if validation_documents is not None:
+            validation, validation_stats = _packed(
+                validation_documents, tokenizer, data_args, block_size, f"{source} (validation)"
+            )
+            stats.update({f"validation_{key}": value for key, value in validation_stats.items()})
+            if isinstance(validation, IterableDataset):
+                limit = data_args.max_eval_samples or STREAMING_VALIDATION_BLOCKS
+                validation = _materialize(validation.take(limit), f"{source} (validation)")
+        elif isinstance(train, IterableDataset):
+            held_out = data_args.max_eval_samples or STREAMING_VALIDATION_BLOCKS
+            validation = _materialize(train.take(held_out), source)
+            train = train.skip(held_out)
+            stats["validation_held_out_blocks"] = len(validation)
+        else:
+            if len(train) < 2:
+                raise ValueError(
+                    f"{source} packs into a single block of {block_size} tokens: no validation block can be held "
+                    "out; add data, lower --block_size or give --validation_file"
+                )
+            held_out = min(len(train) - 1, max(1, round(len(train) * data_args.validation_split_percentage / 100)))
+            split = train.train_test_split(test_size=held_out, shuffle=True, seed=VALIDATION_SPLIT_SEED)
+            train, validation = split["train"], split["test"]
+            stats["validation_held_out_blocks"] = held_out
+    if data_args.max_eval_samples is not None and len(validation) > data_args.max_eval_samples:
+        validation = validation.select(range(data_args.max_eval_samples))
+    stats["validation_blocks_used"] = len(validation)
+    if stats.get("train_dropped_tokens"):
+        logger.info(
+            "packing left %d tokens that did not fill a block of %d (end of each map batch of documents)",
+            stats["train_dropped_tokens"],
+            block_size,
+        )
+    return LMDatasets(train=train, validation=validation, block_size=block_size, source=source, stats=stats)
+
+
+def _materialize(blocks: IterableDataset, source: str) -> Dataset:
+    rows = [{"input_ids": row["input_ids"]} for row in blocks]
+    if not rows:
+        raise ValueError(f"{source} has fewer tokens than one block: no validation block could be formed")
+    return Dataset.from_list(rows, features=PACKED_FEATURES)
+
+
+def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack blocks into `input_ids` (B, T) and identical `labels` (the model shifts them)."""
+    input_ids = torch.tensor([feature["input_ids"] for feature in features], dtype=torch.long)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+__all__ = [
+    "DataArguments",
+    "LMDatasets",
+    "builtin_corpus_documents",
+    "builtin_corpus_split",
+    "load_builtin_corpus",
+    "load_local_text_file",
+    "load_documents",
+    "tokenize_documents",
+    "pack_into_blocks",
+    "build_lm_datasets",
+    "collate_blocks",
+]

@@ -1,0 +1,139 @@
+"""Every invalid DDLConfig field value or combination raises a ValueError that names the field."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from ddl_hf import PRESET_SIZES, PRESET_VARIANTS, DDLConfig, DDLForCausalLM
+
+# (case id, overrides applied to the tiny ddl-cc preset, field the message must name, allowed values it must show)
+INVALID_CASES = [
+    ("value_channels-zero", dict(value_channels=0), "value_channels", ">= 1"),
+    ("value_channels-negative", dict(value_channels=-2), "value_channels", ">= 1"),
+    ("value_channels-float", dict(value_channels=4.0), "value_channels", "integer"),
+    ("value_channels-string", dict(value_channels="4"), "value_channels", "integer"),
+    ("beta_init-above-two", dict(beta_init=2.5), "beta_init", "[0.0, 2.0]"),
+    ("beta_init-negative", dict(beta_init=-0.1), "beta_init", "[0.0, 2.0]"),
+    ("beta_init-nan", dict(beta_init=float("nan")), "beta_init", "finite"),
+    ("residual_mode-unknown", dict(residual_mode="residual"), "residual_mode", "'delta', 'additive', 'write_only'"),
+    ("state_compressor-unknown", dict(state_compressor="mean"), "state_compressor", "'channel', 'token'"),
+    ("embed_expansion-unknown", dict(embed_expansion="tile"), "embed_expansion", "'conv', 'repeat'"),
+    ("state_conv_size-zero", dict(state_conv_size=0), "state_conv_size", ">= 1"),
+    ("embed_conv_size-zero", dict(embed_conv_size=0), "embed_conv_size", ">= 1"),
+    ("k_eps-negative", dict(k_eps=-1e-5), "k_eps", "(0.0, inf)"),
+    ("k_eps-zero", dict(k_eps=0.0), "k_eps", "(0.0, inf)"),
+    ("k_eps-infinite", dict(k_eps=float("inf")), "k_eps", "finite"),
+    ("value_scale-zero", dict(value_scale=0.0), "value_scale", "(0.0, inf)"),
+    ("gate_hidden_size-negative", dict(gate_hidden_size=-1), "gate_hidden_size", ">= 0"),
+    ("value_input-unknown", dict(value_input="hidden"), "value_input", "'state', 'context'"),
+    ("value_activation-unknown", dict(value_activation="tanh"), "value_activation", "'sigmoid', 'identity'"),
+    (
+        "additive-with-value-channels",
+        dict(residual_mode="additive", value_channels=4),
+        "value_channels",
+        "must be 1 when residual_mode='additive'",
+    ),
+    (
+        "hidden-not-divisible-by-heads",
+        dict(hidden_size=30, num_attention_heads=4, head_dim=None),
+        "hidden_size",
+        "divisible by num_attention_heads",
+    ),
+    ("kv-heads-not-dividing-heads", dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads", "divide"),
+    ("num_key_value_heads-zero", dict(num_key_value_heads=0), "num_key_value_heads", ">= 1"),
+    ("head_dim-odd", dict(head_dim=15), "head_dim", "even"),
+    ("hidden_size-float", dict(hidden_size=32.0), "hidden_size", "integer"),
+    ("num_hidden_layers-bool", dict(num_hidden_layers=True), "num_hidden_layers", "integer"),
+    ("num_attention_heads-zero", dict(num_attention_heads=0), "num_attention_heads", ">= 1"),
+    ("vocab_size-zero", dict(vocab_size=0), "vocab_size", ">= 1"),
+    ("intermediate_size-zero", dict(intermediate_size=0), "intermediate_size", ">= 1"),
+    ("max_position_embeddings-zero", dict(max_position_embeddings=0), "max_position_embeddings", ">= 1"),
+    ("rms_norm_eps-zero", dict(rms_norm_eps=0.0), "rms_norm_eps", "(0.0, inf)"),
+    ("attention_dropout-above-one", dict(attention_dropout=1.5), "attention_dropout", "[0.0, 1.0]"),
+    ("initializer_range-negative", dict(initializer_range=-0.02), "initializer_range", "[0.0, inf)"),
+    ("hidden_act-unknown", dict(hidden_act="tanh"), "hidden_act", "'silu'"),
+    ("use_qk_norm-string", dict(use_qk_norm="no"), "use_qk_norm", "True or False"),
+    ("tie_word_embeddings-string", dict(tie_word_embeddings="false"), "tie_word_embeddings", "True or False"),
+    ("pad_token_id-outside-vocab", dict(pad_token_id=96), "pad_token_id", "[0, vocab_size=96)"),
+    ("pad_token_id-negative", dict(pad_token_id=-1), "pad_token_id", "[0, vocab_size=96)"),
+    ("eos_token_id-list-outside-vocab", dict(eos_token_id=[1, 500]), "eos_token_id", "[0, vocab_size=96)"),
+    (
+        "rope_type-unknown",
+        dict(rope_parameters={"rope_type": "spiral", "rope_theta": 1e4}),
+        "rope_parameters['rope_type']",
+        "'default'",
+    ),
+    (
+        "rope_theta-negative",
+        dict(rope_parameters={"rope_type": "default", "rope_theta": -1.0}),
+        "rope_parameters['rope_theta']",
+        "(0.0, inf)",
+    ),
+    ("layer_types-inconsistent", dict(layer_types=["full_attention", "full_attention"]), "layer_types", "hybrid"),
+]
+
+
+def test_table_has_at_least_fifteen_distinct_fields():
+    assert len(INVALID_CASES) >= 15
+    assert len({field for _, _, field, _ in INVALID_CASES}) >= 15
+
+
+@pytest.mark.parametrize(("overrides", "field", "allowed"), [c[1:] for c in INVALID_CASES], ids=[c[0] for c in INVALID_CASES])
+def test_invalid_field_raises_value_error_naming_the_field(overrides, field, allowed):
+    with pytest.raises(ValueError) as preset_error:
+        DDLConfig.from_preset("tiny", "ddl-cc", **overrides)
+    message = str(preset_error.value)
+    assert f"DDLConfig.{field}" in message
+    assert allowed in message
+    # The same value given to the constructor directly fails the same way.
+    with pytest.raises(ValueError, match=re.escape(f"DDLConfig.{field}")):
+        DDLConfig(**{**PRESET_SIZES["tiny"], **PRESET_VARIANTS["ddl-cc"], **overrides})
+
+
+def test_invalid_value_message_shows_the_rejected_value():
+    with pytest.raises(ValueError, match=r"got 'residual'$"):
+        DDLConfig.from_preset("tiny", "ddl-cc", residual_mode="residual")
+    with pytest.raises(ValueError, match=r"got 2\.5$"):
+        DDLConfig.from_preset("tiny", "ddl-cc", beta_init=2.5)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: DDLConfig.from_preset("huge", "ddl-cc"), r"Unknown preset size 'huge'.*'tiny', 'mini'"),
+        (lambda: DDLConfig.from_preset("tiny", "ddl-xx"), r"Unknown preset variant 'ddl-xx'.*'baseline'"),
+        (lambda: DDLConfig.from_preset("tiny", "ddl-cc", value_chanels=2), r"Unknown DDLConfig field\(s\) \['value_chanels'\]"),
+    ],
+    ids=["size", "variant", "misspelled-field"],
+)
+def test_from_preset_rejects_unknown_names(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("variant", list(PRESET_VARIANTS))
+def test_every_preset_variant_is_valid_and_builds(variant):
+    """The validation must not reject what the package itself ships (the other side of the table above)."""
+    config = DDLConfig.from_preset("tiny", variant, pad_token_id=0, eos_token_id=[1, 95])
+    model = DDLForCausalLM(config)
+    logits = model(input_ids=torch.tensor([[0, 5, 95]])).logits
+    assert logits.shape == (1, 3, 96)
+
+
+def test_boundary_values_are_accepted():
+    for overrides in (
+        dict(beta_init=0.0),
+        dict(beta_init=2.0),
+        dict(state_conv_size=1, embed_conv_size=1),
+        dict(gate_hidden_size=0),
+        dict(value_channels=1),
+        dict(hidden_size=32, num_attention_heads=4, head_dim=None),
+        dict(num_attention_heads=4, num_key_value_heads=2),
+    ):
+        config = DDLConfig.from_preset("tiny", "ddl-cc", **overrides)
+        for name, value in overrides.items():
+            if value is not None:
+                assert getattr(config, name) == value
