@@ -37,7 +37,8 @@ def direct_statistics(model, input_ids, attention_mask=None):
     def capture(module, args, kwargs, output):
         state, h, context = args[:3]
         block_input = args[3] if len(args) > 3 else kwargs.get("block_input")
-        captured[(module.layer_idx, module.sublayer)] = (module, state, h, context, block_input, output)
+        new_state = output[0] if isinstance(output, tuple) else output  # (new state, write) with return_write
+        captured[(module.layer_idx, module.sublayer)] = (module, state, h, context, block_input, new_state)
 
     handles = [
         module.register_forward_hook(capture, with_kwargs=True)
@@ -209,6 +210,8 @@ def saved_models(tmp_path_factory):
         folders[variant] = root / variant
         model.save_pretrained(folders[variant])
         tokenizer.save_pretrained(folders[variant])
+        # As `ddl train` writes it: the audit reads its default block size from here.
+        (folders[variant] / "metrics.json").write_text(json.dumps({"block_size": 32}))
     text_file = root / "validation.txt"
     text_file.write_text(VALIDATION_TEXT)
     return folders, text_file, tokenizer
@@ -221,7 +224,7 @@ def test_audit_command_writes_known_statistics(saved_models, tmp_path, capsys):
     folders, text_file, tokenizer = saved_models
     output_dir = tmp_path / "report"
     argv = [str(folders["ddl-cc"]), "--validation_file", str(text_file), "--output_dir", str(output_dir)]
-    assert main(argv + ["--num_batches", "2", "--batch_size", "3", "--block_size", "32"]) == 0
+    assert main(argv + ["--num_batches", "2", "--batch_size", "3"]) == 0
 
     report = json.loads((output_dir / "audit.json").read_text())
     assert (report["variant"], report["block_size"], report["blocks"], report["batches"]) == ("ddl-cc", 32, 6, 2)

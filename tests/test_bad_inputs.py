@@ -54,7 +54,10 @@ def test_generate_rejects_out_of_vocabulary_and_empty_prompts(model):
         (lambda ids: ids[:, :5], r"`labels` must have the shape of the inputs \(2, 6\), got \(2, 5\)"),
         (lambda ids: ids[:1], r"`labels` must have the shape of the inputs \(2, 6\), got \(1, 6\)"),
         (lambda ids: ids.flatten(), r"`labels` must have the shape of the inputs \(2, 6\), got \(12,\)"),
-        (lambda ids: torch.full_like(ids, VOCAB), r"`labels` must be token ids in \[0, vocab_size=96\) or -100.*got 96"),
+        (
+            lambda ids: torch.full_like(ids, VOCAB),
+            r"`labels` must be token ids in \[0, vocab_size=96\) or -100.*got 96",
+        ),
         (lambda ids: torch.full_like(ids, -5), r"`labels` must be token ids in \[0, vocab_size=96\) or -100.*got -5"),
         (lambda ids: ids.float(), r"`labels` must be an integer tensor of token ids, got dtype torch.float32"),
     ],
@@ -77,8 +80,14 @@ def test_ignored_labels_are_accepted_and_excluded_from_the_loss(model, ids):
 @pytest.mark.parametrize(
     ("make_mask", "message"),
     [
-        (lambda: torch.ones(2, 5), r"`attention_mask` must have shape \(batch, past \+ seq_len\) = \(2, 6\), got \(2, 5\)"),
-        (lambda: torch.ones(3, 6), r"`attention_mask` must have shape \(batch, past \+ seq_len\) = \(2, 6\), got \(3, 6\)"),
+        (
+            lambda: torch.ones(2, 5),
+            r"`attention_mask` must have shape \(batch, past \+ seq_len\) = \(2, 6\), got \(2, 5\)",
+        ),
+        (
+            lambda: torch.ones(3, 6),
+            r"`attention_mask` must have shape \(batch, past \+ seq_len\) = \(2, 6\), got \(3, 6\)",
+        ),
         (lambda: torch.ones(2, 6, 6), r"`attention_mask` must be a \(batch, past \+ seq_len\) padding mask"),
         (lambda: torch.ones(6), r"`attention_mask` must be a \(batch, past \+ seq_len\) padding mask"),
         (lambda: torch.ones(3, 1, 6, 6), r"a 4D `attention_mask` must have shape \(2, 1 or heads, 6, kv_len\)"),

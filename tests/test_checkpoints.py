@@ -91,7 +91,10 @@ def test_strict_loading_keeps_dtype_meta_device_and_backbone_loading_working(sav
     ("changes", "expected"),
     [
         (dict(hidden_size=64, head_dim=32), r"with a different shape: model\.embed_expansion\.conv_weight \(file"),
-        (dict(value_channels=2), r"15 weight\(s\) with a different shape: .*\(file \(128, 1, 4\) vs model \(64, 1, 4\)\)"),
+        (
+            dict(value_channels=2),
+            r"15 weight\(s\) with a different shape: .*\(file \(128, 1, 4\) vs model \(64, 1, 4\)\)",
+        ),
         (dict(num_hidden_layers=3, layer_types=None), r"weight\(s\) missing from the file: model\.layers\.2\."),
         (dict(num_hidden_layers=1, layer_types=None), r"unexpected weight\(s\) in the file: model\.layers\.1\."),
         (dict(state_compressor="channel"), r"unexpected weight\(s\) in the file: model\.layers\.0\.compressor\.conv"),
@@ -113,7 +116,9 @@ def test_config_edited_away_from_the_weights_is_refused(saved, tmp_path, changes
 def test_missing_and_unexpected_tensors_are_listed(saved, tmp_path):
     missing = _copy(saved[0], tmp_path / "missing")
     _rewrite_weights(missing, lambda w: w.pop("model.layers.1.mlp_shortcut.value_proj.weight"))
-    with pytest.raises(ValueError, match=r"1 weight\(s\) missing from the file: model\.layers\.1\.mlp_shortcut\.value_"):
+    with pytest.raises(
+        ValueError, match=r"1 weight\(s\) missing from the file: model\.layers\.1\.mlp_shortcut\.value_"
+    ):
         DDLForCausalLM.from_pretrained(missing)
 
     extra = _copy(saved[0], tmp_path / "extra")

@@ -42,7 +42,12 @@ INVALID_CASES = [
         "hidden_size",
         "divisible by num_attention_heads",
     ),
-    ("kv-heads-not-dividing-heads", dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads", "divide"),
+    (
+        "kv-heads-not-dividing-heads",
+        dict(num_attention_heads=4, num_key_value_heads=3),
+        "num_key_value_heads",
+        "divide",
+    ),
     ("num_key_value_heads-zero", dict(num_key_value_heads=0), "num_key_value_heads", ">= 1"),
     ("head_dim-odd", dict(head_dim=15), "head_dim", "even"),
     ("hidden_size-float", dict(hidden_size=32.0), "hidden_size", "integer"),
@@ -81,7 +86,9 @@ def test_table_has_at_least_fifteen_distinct_fields():
     assert len({field for _, _, field, _ in INVALID_CASES}) >= 15
 
 
-@pytest.mark.parametrize(("overrides", "field", "allowed"), [c[1:] for c in INVALID_CASES], ids=[c[0] for c in INVALID_CASES])
+@pytest.mark.parametrize(
+    ("overrides", "field", "allowed"), [c[1:] for c in INVALID_CASES], ids=[c[0] for c in INVALID_CASES]
+)
 def test_invalid_field_raises_value_error_naming_the_field(overrides, field, allowed):
     with pytest.raises(ValueError) as preset_error:
         DDLConfig.from_preset("tiny", "ddl-cc", **overrides)
@@ -105,7 +112,10 @@ def test_invalid_value_message_shows_the_rejected_value():
     [
         (lambda: DDLConfig.from_preset("huge", "ddl-cc"), r"Unknown preset size 'huge'.*'tiny', 'mini'"),
         (lambda: DDLConfig.from_preset("tiny", "ddl-xx"), r"Unknown preset variant 'ddl-xx'.*'baseline'"),
-        (lambda: DDLConfig.from_preset("tiny", "ddl-cc", value_chanels=2), r"Unknown DDLConfig field\(s\) \['value_chanels'\]"),
+        (
+            lambda: DDLConfig.from_preset("tiny", "ddl-cc", value_chanels=2),
+            r"Unknown DDLConfig field\(s\) \['value_chanels'\]",
+        ),
     ],
     ids=["size", "variant", "misspelled-field"],
 )

@@ -6,6 +6,8 @@ LoRA module names of a DDL model (documented in the README section "Using DDL mo
 - SwiGLU MLP: `gate_proj`, `up_proj`, `down_proj`
 - DDL residual writes (every `DeltaShortcut`): `beta_proj` (gate logit), `value_proj` (value v), and
   `beta_hidden` when `gate_hidden_size > 0`
+- state compressors and token filters are raw parameters (`read_weight`, `conv_weight`), trained in full
+  with `modules_to_save=["compressor", "readout", "embed_expansion"]`
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, pipeline
 
-from ddl_hf import DDLConfig, DDLForCausalLM
+from ddl_hf import DDLConfig, DDLForCausalLM, DDLModel
 from ddl_hf.model_card import DDL_FIELDS, GENERATED_MARKER, write_model_card
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
 DDL_WRITE_MODULES = ["beta_proj", "value_proj"]
+FULLY_TRAINED_MODULES = ["compressor", "readout", "embed_expansion"]
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -111,13 +114,25 @@ def test_lora_trains_saves_reloads_and_merges_with_identical_logits(tmp_path, va
     base_dir = tmp_path / "base"
     DDLForCausalLM(DDLConfig.from_preset("tiny", variant)).save_pretrained(base_dir)
     targets = ATTENTION_MODULES + MLP_MODULES + DDL_WRITE_MODULES
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    # The compressors and token filters are raw parameters, not Linear layers: trained in full.
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=FULLY_TRAINED_MODULES,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(DDLForCausalLM.from_pretrained(base_dir), lora)
 
     wrapped = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
     assert wrapped == set(targets)
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in name for name in trainable)
+    assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
+    assert {name.rsplit(".", 1)[-1] for name in trainable if "modules_to_save" in name} >= {
+        "read_weight",
+        "conv_weight",
+    }
     frozen_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
 
     losses = _train_few_steps(peft_model, tmp_path / "run")
@@ -132,6 +147,11 @@ def test_lora_trains_saves_reloads_and_merges_with_identical_logits(tmp_path, va
             p.abs().max().item() for n, p in peft_model.named_parameters() if f"{target}.lora_B" in n and p.numel()
         ]
         assert moved and max(moved) > 0, f"LoRA on {target} received no update"
+    parameters = dict(peft_model.named_parameters())
+    for name, parameter in parameters.items():
+        if "modules_to_save" in name:
+            original = parameters[name.replace("modules_to_save.default", "original_module")]
+            assert not torch.equal(parameter, original), f"{name} was not trained"
 
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)
@@ -289,7 +309,9 @@ def test_lm_eval_loglikelihood_rolling_equals_direct_log_softmax(harness, eval_m
     path, model = eval_model
     lm = hflm_class(pretrained=str(path), tokenizer=str(path), device="cpu", batch_size=1)
     texts = ["class TextWrapper:\n    width = 70\n", "Hello world, wrap this paragraph please."]
-    results = lm.loglikelihood_rolling([instance_class("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)])
+    results = lm.loglikelihood_rolling(
+        [instance_class("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    )
     for text, result in zip(texts, results):
         ids = tokenizer(text).input_ids
         assert 1 < len(ids) < lm.max_length
@@ -328,6 +350,15 @@ def test_saved_folder_has_a_model_card_with_variant_fields_and_parameter_count(t
     assert "No training metrics were recorded" in card
     assert "trust_remote_code=True" in card
     assert "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)" in card
+
+
+def test_backbone_model_card_shows_how_to_load_a_backbone(tmp_path):
+    backbone = DDLModel(DDLConfig.from_preset("tiny", "ddl-cc"))
+    backbone.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert _card_tables(card)["parameters"] == f"{sum(p.numel() for p in backbone.parameters()):,}"
+    assert "AutoModel.from_pretrained(path, trust_remote_code=True)" in card
+    assert "AutoModelForCausalLM" not in card and "model.generate(" not in card
 
 
 def test_model_card_reports_training_metrics_from_file_and_argument(tmp_path):

@@ -4,8 +4,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddl_hf import DDLConfig, DDLForCausalLM
+from ddl_hf import DDLConfig, DDLForCausalLM, DeltaShortcut, EmbedExpansion, StateCompressor
+from ddl_hf.delta_ops import reference_paths
 from ddl_hf.flops import forward_flops_breakdown, forward_flops_per_token, training_flops_per_token
+from ddl_hf.modeling_ddl import DDLMLP, DDLAttention
 
 SEQ_LEN = 8
 
@@ -82,32 +84,39 @@ def test_attention_cost_grows_with_mean_causal_length():
 
 @pytest.mark.parametrize("variant", ["baseline", "ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"])
 def test_matmul_terms_match_torch_flop_counter(variant):
-    """torch counts every matmul and convolution of one real forward pass, with full (non-causal)
-    attention matrices and none of the elementwise DDL contractions; adjust for both and compare."""
+    """torch counts the matmuls and convolutions of one real forward pass, per module, with full
+    (non-causal) attention matrices. On the reference paths (the plain definition of the model; the
+    fast paths may do extra work such as padded convolution outputs) the rank-1 update and the
+    compressors' channel mix are elementwise multiply-and-sum, which torch does not count; every
+    other term of ours must match torch's count exactly."""
     config = DDLConfig.from_preset("tiny", variant)
     config._attn_implementation = "eager"
     model = DDLForCausalLM(config)
     batch = 3
     input_ids = torch.randint(0, config.vocab_size, (batch, SEQ_LEN))
-    with FlopCounterMode(display=False) as counter:
+    with reference_paths(), FlopCounterMode(display=False) as counter:
         model(input_ids)
-    counted_per_token = counter.get_total_flops() / (batch * SEQ_LEN)
+    per_module = {name: sum(ops.values()) / (batch * SEQ_LEN) for name, ops in counter.get_flop_counts().items()}
+
+    def counted(kind) -> float:
+        names = [name for name, module in model.named_modules() if isinstance(module, kind)]
+        return sum(per_module.get(f"DDLForCausalLM.{name}", 0.0) for name in names)
 
     breakdown = forward_flops_breakdown(config, SEQ_LEN)
     full_attention = breakdown["attention_scores_values"] * SEQ_LEN / ((SEQ_LEN + 1) / 2)
-    token_convolutions = 0.0
-    if config.uses_token_compressor:
-        reads = 2 * config.num_hidden_layers + 1
-        token_convolutions = reads * 2 * config.hidden_size * config.value_channels * config.state_conv_size
-    matmul_only = (
-        sum(breakdown.values())
-        - breakdown["attention_scores_values"]
-        + full_attention
-        - breakdown["rank1_update"]  # multiply-and-sum in the model, not a matmul
-        - breakdown["compressors"]
-        + token_convolutions  # the token compressor's convolution is a conv op
-    )
-    assert counted_per_token == pytest.approx(matmul_only, rel=1e-12)
+    assert counted(DDLAttention) == pytest.approx(breakdown["attention_projections"] + full_attention, rel=1e-12)
+    assert counted(DDLMLP) == pytest.approx(breakdown["mlp"], rel=1e-12)
+    assert per_module["DDLForCausalLM.lm_head"] == pytest.approx(breakdown["lm_head"], rel=1e-12)
+    assert counted(EmbedExpansion) == pytest.approx(breakdown["embed_expansion"], rel=1e-12)
+    assert counted(DeltaShortcut) == pytest.approx(breakdown["shortcut_gates"] + breakdown["shortcut_values"])
+
+    reads = 2 * config.num_hidden_layers + 1 if config.is_expanded else 0
+    channel_mix = reads * 2 * config.hidden_size * config.value_channels
+    token_convolutions = breakdown["compressors"] - channel_mix
+    assert counted(StateCompressor) == pytest.approx(token_convolutions, abs=1e-9)
+    elementwise = breakdown["rank1_update"] + channel_mix
+    expected_total = sum(breakdown.values()) - breakdown["attention_scores_values"] + full_attention - elementwise
+    assert per_module["Global"] == pytest.approx(expected_total, rel=1e-12)
 
 
 @pytest.mark.parametrize("bad", [0, -4, 2.5, True, None])

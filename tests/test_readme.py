@@ -1,4 +1,7 @@
-"""The README's Python examples run as written (in a temporary working directory)."""
+"""The README's ```python blocks run as written, in a temporary working directory.
+
+```py blocks are sketches that need the reader's own model or files and are not run.
+"""
 
 import re
 from pathlib import Path

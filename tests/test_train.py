@@ -404,6 +404,13 @@ def test_rerun_resumes_finished_run_and_refuses_changed_arguments(reference_run,
     assert metrics["eval_loss"] == reference_metrics["eval_loss"]
     assert metrics["global_step"] == TINY_STEPS and metrics["tokens_seen"] == reference_metrics["tokens_seen"]
 
+    # A folder whose run stopped before its first checkpoint holds nothing to protect.
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "run_args.json").write_text(json.dumps({"fingerprint": {"model": {"preset": "mini"}}}))
+    run_training(*parse_args(tiny_argv(assets, early, "--max_steps", "1")))
+    assert json.loads((early / "run_args.json").read_text())["fingerprint"]["model"]["preset"] == "tiny"
+
     stranger = tmp_path / "stranger"
     (stranger / "checkpoint-3").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds checkpoints or a model that `ddl train` did not record"):

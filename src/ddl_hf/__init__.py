@@ -16,6 +16,7 @@ from .modeling_ddl import (
     DeltaShortcut,
     EmbedExpansion,
     StateCompressor,
+    record_delta_stats,
 )
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "DDLPreTrainedModel",
     "DeltaShortcut",
     "StateCompressor",
+    "record_delta_stats",
     "EmbedExpansion",
     "PRESET_SIZES",
     "PRESET_VARIANTS",

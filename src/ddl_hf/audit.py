@@ -39,8 +39,6 @@ from .data import (
 from .delta_stats import BETA_REGIMES
 from .modeling_ddl import record_delta_stats
 
-DEFAULT_BLOCK_SIZE = 256
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -65,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--block_size",
         type=int,
         default=None,
-        help=f"tokens per block (default: {DEFAULT_BLOCK_SIZE}, capped at the model's max_position_embeddings)",
+        help="tokens per block (default: the block size the model was trained with, from MODEL_DIR/metrics.json, "
+        "else the `ddl train` default)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser
@@ -74,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"--{name} must be an integer >= 1, got {value}")
+
+
+def default_block_size(model_dir: Path, max_position_embeddings: int) -> int:
+    """The block size in the model's `metrics.json` (written by `ddl train`), else `ddl train`'s default."""
+    metrics = model_dir / "metrics.json"
+    if metrics.is_file():
+        trained = json.loads(metrics.read_text(encoding="utf-8")).get("block_size")
+        if trained:
+            return int(trained)
+    return min(DataArguments().block_size or max_position_embeddings, max_position_embeddings)
 
 
 def validation_documents(args: argparse.Namespace):
@@ -210,7 +219,7 @@ def run_audit(args: argparse.Namespace) -> dict:
             f"{str(model_dir)!r} is an additive baseline (residual_mode='additive'): it has no gates to audit"
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    block_size = args.block_size or min(DEFAULT_BLOCK_SIZE, config.max_position_embeddings)
+    block_size = args.block_size or default_block_size(model_dir, config.max_position_embeddings)
     if block_size > config.max_position_embeddings:
         raise ValueError(
             f"--block_size {block_size} exceeds the model's max_position_embeddings {config.max_position_embeddings}"

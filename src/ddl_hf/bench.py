@@ -12,11 +12,12 @@ Measurements (tokens are batch_size x seq_len per forward unless said otherwise)
 - prefill: one forward without labels and without a cache, under `torch.inference_mode`.
 - decode: after a prompt of `--decode_prompt_len` tokens, `--decode_tokens` greedy steps of one
   token with the cache, at each batch size of `--decode_batch_sizes`; new tokens per second.
-- peak memory of a training step, measured in a fresh subprocess per variant (so variants never
-  share an allocator): on CUDA `torch.cuda.max_memory_allocated()`; on CPU the growth of the
-  process's peak resident set size (Linux `VmHWM`, reset just before the model is built, so the
-  imports do not count) over its resident size at that moment. Both count weights, gradients,
-  AdamW state and the activations of the step.
+- peak memory of training, measured in a fresh subprocess per variant (so variants never share
+  an allocator): the largest total of live tensor bytes while the model is built and trained
+  for 3 steps, which counts weights, gradients, AdamW state and the activations and temporaries
+  of a step. On CUDA `torch.cuda.max_memory_allocated()`; on CPU the same quantity from the
+  allocation events of `torch.profiler` (`profile_memory=True`), exact and free of the
+  allocator noise that the resident set size carries (malloc caching and fragmentation).
 - activations: bytes of the distinct tensors autograd saves for backward in one training
   forward (weights excluded), counted with `torch.autograd.graph.saved_tensors_hooks`. This
   is exact and free of allocator noise.
@@ -32,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -221,51 +221,36 @@ def interleaved_medians(
 
 
 # --------------------------------------------------------------------------- memory
-def _proc_status_bytes(field: str) -> int | None:
-    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`) in bytes; None without /proc."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_resident() -> bool:
-    """Reset the peak resident set size (Linux >= 4.0), so imports do not count; False if impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_resident_bytes() -> int:
-    peak = _proc_status_bytes("VmHWM")
-    if peak is not None:
-        return peak
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+def _peak_allocated_while(profiler: torch.profiler.profile) -> int:
+    """Largest total of live CPU tensor bytes over the allocation events the profiler recorded."""
+    peak, pending = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        total = getattr(node.extra_fields, "total_allocated", None)  # only allocation events carry it
+        if total is not None:
+            peak = max(peak, total)
+    return peak
 
 
 def measure_memory_here(args: argparse.Namespace, variant: str, steps: int = 3) -> int:
-    """Peak memory of training steps of one variant, in this (fresh) process. See the module docstring."""
+    """Peak bytes of live tensors while one variant is built and trained for a few steps, in this
+    (fresh) process: `torch.cuda.max_memory_allocated` on CUDA; on CPU the same quantity from the
+    allocation events of `torch.profiler` (`profile_memory=True`), which tracks every CPU tensor
+    allocated and freed after it starts."""
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)
-    else:
-        # Without the reset (not Linux), the peak of the imports may hide a smaller training peak.
-        start = _proc_status_bytes("VmRSS") if _reset_peak_resident() else _peak_resident_bytes()
-    workload = Workload(args, variant)
-    for _ in range(steps):
-        workload.train_step()
-    if device.type == "cuda":
+        workload = Workload(args, variant)
+        for _ in range(steps):
+            workload.train_step()
         return torch.cuda.max_memory_allocated(device) - start
-    return _peak_resident_bytes() - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
+        workload = Workload(args, variant)
+        for _ in range(steps):
+            workload.train_step()
+    return _peak_allocated_while(profiler)
 
 
 def measure_memory_in_subprocess(args: argparse.Namespace, variant: str) -> int:
@@ -358,8 +343,11 @@ def _ratio_key(key: str) -> str:
 
 def _memory_definition(device: str) -> str:
     if torch.device(device).type == "cuda":
-        return "torch.cuda.max_memory_allocated over 3 training steps, fresh process per variant"
-    return "peak RSS growth over 3 training steps from just before model creation, fresh process per variant"
+        return "torch.cuda.max_memory_allocated over model creation and 3 training steps, fresh process per variant"
+    return (
+        "peak bytes of live CPU tensors (torch.profiler allocation events) over model creation and 3 training "
+        "steps, fresh process per variant"
+    )
 
 
 def _load_average() -> list[float] | None:

@@ -229,12 +229,10 @@ def resolve_max_steps(args: argparse.Namespace, train_flags: list[str]) -> tuple
 
 
 # --------------------------------------------------------------------------- running
-def train_all(args: argparse.Namespace, train_flags: list[str], max_steps: int) -> dict[tuple[str, int], str]:
-    """Train every (variant, seed), seed by seed, skipping finished runs. Returns how each ended:
-    `"trained"` or `"skipped"`."""
+def train_all(args: argparse.Namespace, train_flags: list[str], max_steps: int) -> None:
+    """Train every (variant, seed), seed by seed, skipping finished runs and resuming unfinished ones."""
     from .train import METRICS_FILE, check_output_dir, run_fingerprint, run_training
 
-    outcome = {}
     for seed in range(args.seeds):
         for variant in args.variants:
             model_args, data_args, training_args = run_arguments(args, train_flags, variant, seed, max_steps)
@@ -242,12 +240,9 @@ def train_all(args: argparse.Namespace, train_flags: list[str], max_steps: int) 
             check_output_dir(folder, run_fingerprint(model_args, data_args, training_args))
             if (folder / METRICS_FILE).is_file():
                 print(f"ddl compare: skipped {variant} seed {seed}: finished ({folder / METRICS_FILE})", flush=True)
-                outcome[(variant, seed)] = "skipped"
                 continue
             print(f"ddl compare: training {variant} seed {seed} for {max_steps} steps in {folder}", flush=True)
             run_training(model_args, data_args, training_args)
-            outcome[(variant, seed)] = "trained"
-    return outcome
 
 
 def load_run(folder: Path) -> dict:

@@ -119,66 +119,111 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b).squeeze(1)
 
 
+def _outer_add(base: torch.Tensor, column: torch.Tensor, row: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """base + alpha * column row^T per token: (N, d, m), (N, d), (N, m) -> new (N, d, m).
+
+    With m = 1 a row scaling (an elementwise kernel); with m > 1 a batched (N, d, 1) @ (N, 1, m)
+    product, which CPU kernels run at memory speed where a broadcast over the small last
+    dimension does not."""
+    if base.shape[-1] == 1:
+        return torch.addcmul(base.squeeze(-1), column, row, value=alpha).unsqueeze(-1)
+    row = row if alpha == 1.0 else row * alpha
+    return torch.bmm(column.unsqueeze(-1), row.unsqueeze(1)).add_(base)
+
+
+def _rowwise_matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """matrix @ vector per token: (N, d, m), (N, m) -> (N, d)."""
+    if matrix.shape[-1] == 1:
+        return matrix.squeeze(-1) * vector
+    return torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
+
+
+def _refuse_double_backward(name: str) -> None:
+    """Raise under create_graph=True: the analytic backwards here are not written to be differentiated, and
+    returning gradients that silently miss their second-order terms would be worse than an error."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"the fast path of {name} supports first-order gradients only; run the model inside "
+            "ddl_hf.delta_ops.reference_paths() to differentiate twice"
+        )
+
+
 class _DeltaUpdate(torch.autograd.Function):
-    """X' = X + beta k (v^T - [erase] k^T X) on flat (N, d, d_v) / (N, d) / (N, 1) / (N, d_v) inputs.
+    """X' = X + h w^T with the write w = beta r t, r = 1 / sqrt(|h|^2 + eps^2) and the target
+    t = v - [erase] r X^T h, on flat inputs X (N, d, d_v), h (N, d), beta (N, 1), v (N, d_v).
+    Returns X' and w (fp32, (N, d_v)); w lets a channel compressor read X' without touching it
+    (`StateCompressor.read_after_write`).
 
-    Backward, with G = dL/dX', g = G^T k (N, d_v) and target t = v^T - [erase] k^T X:
+    Backward, with G = dL/dX', S = G^T h + dL/dw and T = beta r S:
 
-        dL/dv    = beta g
-        dL/dbeta = g . t
-        dL/dX    = G - [erase] beta k g^T
-        dL/dk    = beta (G t - [erase] X g)
-        dL/dh    = r (dL/dk - k (k . dL/dk)),   r = 1 / sqrt(|h|^2 + eps^2)
+        dL/dv    = T
+        dL/dbeta = r S . t
+        dL/dX    = G - [erase] r h T^T
+        dL/dh    = G w - [erase] r X T + h ([erase] r^3 T . (X^T h) - r^3 beta S . t)
+
+    Besides h, beta, v and two per-token vectors it keeps one state, X or, with `save_output`,
+    X' (X T = X' T - h (w . T); X^T h = (v - t) / r needs neither): the caller picks the one
+    that another op keeps for backward anyway, so the rewrite adds no state-sized memory.
     """
 
     @staticmethod
-    def forward(ctx, state, h, beta, v, eps: float, erase: bool):
+    def forward(ctx, state, h, beta, v, eps: float, erase: bool, save_output: bool):
         # fp32 math whatever autocast says: the rewrite is defined in fp32 (see the module docstring).
         with torch.autocast(state.device.type, enabled=False):
-            x, hf, bf = state.float(), h.float(), beta.float()
+            hf = h.float()
             r = _inverse_norm(hf, eps)  # (N, 1)
             target = v.float()  # (N, d_v)
             if erase:
-                target = target - _rowwise_dot(hf, x) * r
-            # beta k t^T = h (beta r t)^T: scale the (N, d_v) side, not the (N, d) one.
-            write = torch.bmm(hf.unsqueeze(-1), (bf * r * target).unsqueeze(1))  # (N, d, d_v)
-            new_state = write.add_(x).to(state.dtype)
-        ctx.erase = erase
+                target = target - _rowwise_dot(hf, state.float()) * r
+            write = beta.float() * r * target
+            new_state = _outer_add(state.float(), hf, write).to(state.dtype)
+        ctx.erase, ctx.save_output = erase, save_output
         ctx.input_dtypes = (state.dtype, h.dtype, beta.dtype, v.dtype)
-        ctx.save_for_backward(state if erase else None, h, beta, r, target)
-        return new_state
+        ctx.set_materialize_grads(False)
+        saved_state = (new_state if save_output else state) if erase else None
+        ctx.save_for_backward(saved_state, h, beta, v if erase else None, r, target, write)
+        return new_state, write
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_new_state):
-        state, h, beta, r, target = ctx.saved_tensors
+    def backward(ctx, grad_new_state, grad_write):
+        _refuse_double_backward("delta_update")
+        saved_state, h, beta, v, r, target, write = ctx.saved_tensors
         state_dtype, h_dtype, beta_dtype, v_dtype = ctx.input_dtypes
         need_state, need_h, need_beta, need_v = ctx.needs_input_grad[:4]
+        if grad_new_state is None and grad_write is None:
+            return None, None, None, None, None, None, None
         grad_state = grad_h = grad_beta = grad_v = None
-        with torch.autocast(grad_new_state.device.type, enabled=False):
-            grad_out, hf, bf = grad_new_state.float(), h.float(), beta.float()
-            g = _rowwise_dot(hf, grad_out) * r  # (N, d_v) = G^T k
+        with torch.autocast(h.device.type, enabled=False):
+            hf, bf = h.float(), beta.float()
+            grad_out = None if grad_new_state is None else grad_new_state.float()
+            s_grad = torch.zeros_like(write) if grad_out is None else _rowwise_dot(hf, grad_out)  # S = G^T h + dL/dw
+            if grad_write is not None:
+                s_grad = s_grad + grad_write.float()
+            t_grad = bf * r * s_grad  # T = dL/dt
+            s_dot_t = (s_grad * target).sum(-1, keepdim=True)  # S . t
             if need_v:
-                grad_v = (bf * g).to(v_dtype)
+                grad_v = t_grad.to(v_dtype)
             if need_beta:
-                grad_beta = (g * target).sum(-1, keepdim=True).to(beta_dtype)
+                grad_beta = (r * s_dot_t).to(beta_dtype)
             if need_state:
-                if ctx.erase:
-                    scaled_g = (bf * r) * g  # beta k g^T = h (beta r g)^T
-                    grad_state = torch.bmm(hf.unsqueeze(-1), scaled_g.neg().unsqueeze(1)).add_(grad_out)
-                    grad_state = grad_state.to(state_dtype)
-                else:
-                    grad_state = grad_new_state.to(state_dtype)
+                if grad_out is None:
+                    grad_out = torch.zeros(*h.shape, write.shape[-1], dtype=torch.float32, device=h.device)
+                grad_state = _outer_add(grad_out, hf, r * t_grad, alpha=-1.0) if ctx.erase else grad_out
+                grad_state = grad_state.to(state_dtype)
             if need_h:
-                # u = G t - [erase] X g, so that dL/dk = beta u.
-                u = torch.bmm(grad_out, target.unsqueeze(-1)).squeeze(-1)  # (N, d)
+                r_cubed = r * r * r
+                h_scale = -r_cubed * bf * s_dot_t  # (N, 1)
+                grad_h = None if grad_out is None else _rowwise_matvec(grad_out, write)  # G w
                 if ctx.erase:
-                    u = u.sub_(torch.bmm(state.float(), g.unsqueeze(-1)).squeeze(-1))
-                # dL/dh = beta r (u - r^2 h (h . u))
-                h_dot_u = _rowwise_dot(hf, u.unsqueeze(-1))  # (N, 1)
-                scale = bf * r
-                grad_h = u.mul_(scale).addcmul_(hf, scale * r * r * h_dot_u, value=-1.0).to(h_dtype)
-        return grad_state, grad_h, grad_beta, grad_v, None, None
+                    # r^3 T . (X^T h) with X^T h = (v - t) / r;  - r X T = - r X' T + r h (w . T)
+                    h_scale = h_scale + r * r * (t_grad * (v.float() - target)).sum(-1, keepdim=True)
+                    if ctx.save_output:
+                        h_scale = h_scale + r * (write * t_grad).sum(-1, keepdim=True)
+                    x_t = _rowwise_matvec(saved_state.float(), t_grad)
+                    grad_h = x_t.mul_(-r) if grad_h is None else grad_h.sub_(x_t.mul_(r))
+                grad_h = hf * h_scale if grad_h is None else grad_h.addcmul_(hf, h_scale)
+                grad_h = grad_h.to(h_dtype)
+        return grad_state, grad_h, grad_beta, grad_v, None, None, None
 
 
 def delta_update(
@@ -188,23 +233,41 @@ def delta_update(
     v: torch.Tensor,
     eps: float,
     erase: bool = True,
-) -> torch.Tensor:
+    return_write: bool = False,
+    save_output: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The Delta rewrite (same arguments, result and precision as `delta_update_reference`), fast path.
 
     `state` (..., d, d_v), `h` (..., d), `beta` (..., 1), `v` (..., d_v); `beta` and `v` may
-    broadcast over the leading dimensions. Returns (..., d, d_v) in `state.dtype`. Supports
-    first-order gradients (`torch.autograd.grad(..., create_graph=True)` through it raises; use
-    `reference_paths()` for higher orders).
+    broadcast over the leading dimensions. Returns (..., d, d_v) in `state.dtype`; with
+    `return_write=True` also the write w (..., d_v) in fp32, such that the new state is
+    `state + h w^T` (w = beta (v - [erase] k^T X) / sqrt(|h|^2 + eps^2)).
+
+    Backward keeps one state-sized tensor: the input state, or the new state with
+    `save_output=True`; choose the one the surrounding model keeps anyway (a compressor reading
+    it, say), so that the rewrite adds only (..., d) and (..., d_v) tensors to memory. Supports
+    first-order gradients (`create_graph=True` through it raises; use `reference_paths()` for
+    higher orders).
     """
-    if not _use_fast_paths:
-        return delta_update_reference(state, h, beta, v, eps, erase=erase)
     *leading, d, d_v = state.shape
     if h.shape != (*leading, d):
         raise ValueError(f"delta_update: h must have shape {(*leading, d)} for a state of shape {tuple(state.shape)}")
+    if not _use_fast_paths:
+        new_state = delta_update_reference(state, h, beta, v, eps, erase=erase)
+        if not return_write:
+            return new_state
+        # The write of the same definitions: X' = X + beta k t^T = X + h (beta r t)^T.
+        hf = h.float()
+        r = torch.rsqrt(hf.square().sum(-1, keepdim=True) + eps * eps)
+        target = v.float()
+        if erase:
+            target = target - ((hf * r).unsqueeze(-1) * state.float()).sum(-2)
+        return new_state, beta.float() * r * target
     beta = beta.expand(*leading, 1).reshape(-1, 1)
     v = v.expand(*leading, d_v).reshape(-1, d_v)
-    new_state = _DeltaUpdate.apply(state.reshape(-1, d, d_v), h.reshape(-1, d), beta, v, eps, erase)
-    return new_state.view(state.shape)
+    new_state, write = _DeltaUpdate.apply(state.reshape(-1, d, d_v), h.reshape(-1, d), beta, v, eps, erase, save_output)
+    new_state = new_state.view(state.shape)
+    return (new_state, write.view(*leading, d_v)) if return_write else new_state
 
 
 # --------------------------------------------------------------------------- state compressors
@@ -229,8 +292,8 @@ class _ChannelCompress(torch.autograd.Function):
             return F.conv1d(matrix, read_weight.unsqueeze(1), groups=read_weight.shape[0]).squeeze(-1)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_read):
+        _refuse_double_backward("channel_compress")
         matrix, read_weight = ctx.saved_tensors
         grad_read = grad_read.unsqueeze(-1)  # (N, d, 1)
         grad_matrix = grad_read * read_weight if ctx.needs_input_grad[0] else None
@@ -252,32 +315,42 @@ def channel_compress(matrix: torch.Tensor, read_weight: torch.Tensor) -> torch.T
 
 
 # --------------------------------------------------------------------------- token convolutions
-def token_conv_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Plain reference of `token_conv`: transpose to (B, C, T) and run `F.conv1d`."""
+def token_conv_reference(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
+    """Plain reference of `token_conv`: pad, transpose to (B, C, T) and run `F.conv1d`."""
     groups = x.shape[-1] // weight.shape[1]
+    x = F.pad(x, (0, 0, padding, 0))
     return F.conv1d(x.transpose(1, 2), weight, groups=groups).transpose(1, 2)
 
 
-def token_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Grouped convolution over tokens without padding ("valid"), on token-major tensors.
+def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
+    """Grouped causal convolution over tokens, on token-major tensors.
 
     Args:
-        x: (B, T + K - 1, C_in) inputs, already carrying their K - 1 tokens of left context.
+        x: (B, T_in, C_in) inputs.
         weight: (C_out, C_in / groups, K) with groups = C_in / weight.shape[1]; output channel o
             reads the inputs of group o // (C_out / groups), as in `F.conv1d`.
+        padding: zero tokens assumed before x (at most K - 1); the first K - 1 - padding tokens
+            of x are left context only.
 
     Returns:
-        (B, T, C_out).
+        (B, T_in + padding - K + 1, C_out).
 
-    The fast path views x as a channels-last (B, C_in, 1, T + K - 1) image, so the convolution
-    reads and writes the (B, T, C) memory directly; the reference transposes to (B, C, T).
+    The fast path views x as a channels-last (B, C_in, 1, T_in) image, so the convolution reads
+    and writes the (B, T, C) memory directly, and it pads whichever side is narrower: the input
+    when C_in <= C_out, else (the folded token compressor) both ends of the convolution, dropping
+    the outputs of the right padding. The reference transposes to (B, C, T).
     """
     if not _use_fast_paths:
-        return token_conv_reference(x, weight)
+        return token_conv_reference(x, weight, padding)
     groups = x.shape[-1] // weight.shape[1]
-    image = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, C_in, 1, T'), strides of (B, 1, T', C_in)
-    out = F.conv2d(image, weight.unsqueeze(2), groups=groups)  # (B, C_out, 1, T)
-    return out.squeeze(2).transpose(1, 2)
+    pad_input = padding > 0 and x.shape[-1] <= weight.shape[0]
+    if pad_input:
+        x = F.pad(x, (0, 0, padding, 0))
+    image = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, C_in, 1, T_in), strides of (B, 1, T_in, C_in)
+    conv_padding = 0 if pad_input else padding
+    out = F.conv2d(image, weight.unsqueeze(2), padding=(0, conv_padding), groups=groups)  # (B, C_out, 1, T')
+    out = out.squeeze(2).transpose(1, 2)
+    return out[:, : out.shape[1] - conv_padding] if conv_padding else out
 
 
 __all__ = [

@@ -165,18 +165,28 @@ def render_model_card(model, metrics: dict | None = None) -> str:
         "`ddl_hf` package when `trust_remote_code=True` is passed (with `ddl_hf` installed, `import ddl_hf` "
         "registers the classes and the flag is not needed):",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'path = "path/to/this/folder"  # or the Hub repository id',
-        "model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
-        'inputs = tokenizer("The delta rule", return_tensors="pt")',
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))",
-        "```",
+        *_usage_snippet(is_language_model=hasattr(model, "generate")),
         "",
     ]
     return "\n".join(lines)
+
+
+def _usage_snippet(is_language_model: bool) -> list[str]:
+    auto_class = "AutoModelForCausalLM" if is_language_model else "AutoModel"
+    lines = [
+        "```python",
+        f"from transformers import {auto_class}, AutoTokenizer",
+        "",
+        'path = "path/to/this/folder"  # or the Hub repository id',
+        f"model = {auto_class}.from_pretrained(path, trust_remote_code=True)",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        'inputs = tokenizer("The delta rule", return_tensors="pt")',
+    ]
+    if is_language_model:
+        lines.append("print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))")
+    else:
+        lines.append("hidden = model(**inputs).last_hidden_state  # (1, T, hidden_size)")
+    return [*lines, "```"]
 
 
 def write_model_card(save_dir: str | os.PathLike, model, metrics: dict | None = None) -> str:

@@ -184,7 +184,12 @@ class DeltaShortcut(nn.Module):
         h: torch.Tensor,
         context: torch.Tensor,
         block_input: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_write: bool = False,
+        save_output: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The new state (..., d * d_v); with `return_write=True` also the write w (..., d_v) in fp32
+        such that the new state is X + h w^T. `save_output=True` keeps the new state instead of the
+        old one for backward (see `delta_ops.delta_update`: keep the one other layers keep anyway)."""
         if self.value_input == "context":
             source = context
         elif block_input is not None:
@@ -196,10 +201,12 @@ class DeltaShortcut(nn.Module):
         beta = self.gate(context)
         v = self.value(source)
         matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
-        new_state = delta_update(matrix, h, beta, v, self.k_eps, erase=self.erase)
+        new_state, write = delta_update(
+            matrix, h, beta, v, self.k_eps, erase=self.erase, return_write=True, save_output=save_output
+        )
         if self._recorder is not None:
             self._recorder.record(self, state, h, beta, v, new_state.flatten(-2))
-        return new_state.flatten(-2)
+        return (new_state.flatten(-2), write) if return_write else new_state.flatten(-2)
 
     def extra_repr(self) -> str:
         return (
@@ -301,9 +308,9 @@ def causal_depthwise_conv(
             # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns
             # them followed by x.
             full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=state_idx, conv_kernel_size=context)
-        # Zero left context is padded on the token axis of (B, T, C), which keeps x token-major.
-        x = full[..., -(num_tokens + context) :].transpose(1, 2) if decoding else F.pad(x, (0, 0, context, 0))
-    return token_conv(x, weight)
+        if decoding:
+            return token_conv(full[..., -(num_tokens + context) :].transpose(1, 2), weight)
+    return token_conv(x, weight, padding=context)
 
 
 class StateCompressor(nn.Module):
@@ -348,6 +355,17 @@ class StateCompressor(nn.Module):
         if self.conv_weight is not None:
             state = causal_depthwise_conv(state, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
         return channel_compress(state.unflatten(-1, (self.hidden_size, self.value_channels)), self.read_weight)
+
+    def read_after_write(self, read: torch.Tensor, h: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        """The channel compressor's read of `state + h write^T` from its read of `state`, without the state.
+
+        `sum_j W[i, j] (X[i, j] + h[i] w[j]) = read[i] + h[i] (W w)[i]`: `read` (..., d), `h` (..., d),
+        `write` (..., d_v) -> (..., d), in `read.dtype`. Only the channel compressor is linear per token.
+        """
+        if self.conv_weight is not None:
+            raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
+        update = h.float() * F.linear(write.float(), self.read_weight.float())
+        return (read.float() + update).to(read.dtype)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
@@ -626,11 +644,21 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
             use_cache=use_cache,
             **kwargs,
         )
-        state = self._write(self.attn_shortcut, state, h, context, block_input)
-
-        block_input = self._read(state, self._mlp_slot, cache, padding_mask)
+        reads_after_write = self.compressor is not None and self.compressor.kind == "channel" and fast_paths_enabled()
+        if reads_after_write:
+            # The channel compressor is linear per token, so the MLP's read of the new state follows from
+            # the attention's read and the rank-1 write, without another pass over the (d, d_v) state.
+            state, write = self.attn_shortcut(state, h, context, block_input, return_write=True)
+            block_input = self.compressor.read_after_write(block_input, h, write)
+        else:
+            state = self._write(self.attn_shortcut, state, h, context, block_input)
+            block_input = self._read(state, self._mlp_slot, cache, padding_mask)
         context = self.post_attention_layernorm(block_input)
         h = self.mlp(context)
+        if reads_after_write:
+            # Nothing else keeps the mid-block state for backward: the attention write kept the block's
+            # input (its compressor keeps it too), this one keeps the block's output (the next reader does).
+            return self.mlp_shortcut(state, h, context, block_input, save_output=True)
         return self._write(self.mlp_shortcut, state, h, context, block_input)
 
 
@@ -794,9 +822,10 @@ class DDLModel(DDLPreTrainedModel):
 
     def __init__(self, config: DDLConfig) -> None:
         super().__init__(config)
-        self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        # No `padding_idx`: padded positions are masked anyway, and tokenizers often pad with EOS, whose
+        # embedding must keep learning.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_expansion = (
             EmbedExpansion(config.hidden_size, config.value_channels, config.embed_expansion, config.embed_conv_size)
             if config.is_expanded
@@ -855,8 +884,10 @@ class DDLModel(DDLPreTrainedModel):
                 "`attention_mask` must be a (batch, past + seq_len) padding mask or a (batch, 1, seq_len, kv_len) "
                 f"mask, got shape {tuple(attention_mask.shape)}"
             )
-        if attention_mask is not None and attention_mask.dim() == 4 and (
-            attention_mask.shape[0] != batch or attention_mask.shape[2] != length
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 4
+            and (attention_mask.shape[0] != batch or attention_mask.shape[2] != length)
         ):
             raise ValueError(
                 f"a 4D `attention_mask` must have shape ({batch}, 1 or heads, {length}, kv_len), "

@@ -8,10 +8,8 @@ the running interpreter) and cached on disk, keyed by Python version and vocabul
 
 Byte-level BPE is lossless: every string encodes and decodes back to itself, and no input is ever
 out of vocabulary. The only special token is `<|endoftext|>`, the end-of-document (EOS) marker
-between packed documents. It is deliberately not declared as padding token: the Trainer copies the
-tokenizer's pad id into the model config, and a model built with `pad_token_id = eos` would stop
-training its EOS embedding row (`nn.Embedding(padding_idx=...)`). For batched generation, pass
-`pad_token_id=tokenizer.eos_token_id` or set `tokenizer.pad_token` yourself.
+between packed documents; no padding token is declared (training packs blocks and never pads). For
+batched generation, pass `pad_token_id=tokenizer.eos_token_id` or set `tokenizer.pad_token` yourself.
 """
 
 from __future__ import annotations
@@ -30,6 +28,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 END_OF_TEXT = "<|endoftext|>"
 DEFAULT_MODEL_MAX_LENGTH = 1024
 DEFAULT_VOCAB_SIZE = 8192
+# Part of the default tokenizer's cache key: bump it whenever `train_bpe_tokenizer` changes.
+DEFAULT_TOKENIZER_REVISION = 2
 # 256 byte symbols plus the end-of-text token: the smallest vocabulary that can encode anything.
 MIN_VOCAB_SIZE = 257
 
@@ -91,7 +91,8 @@ def default_tokenizer_cache_root() -> Path:
 def default_tokenizer_dir(vocab_size: int) -> Path:
     """Where the default tokenizer of this interpreter and vocabulary size is cached."""
     version = "{}{}.{}.{}".format(sys.implementation.name, *sys.version_info[:3])
-    return default_tokenizer_cache_root() / "tokenizers" / f"stdlib-bpe-{version}-v{vocab_size}"
+    name = f"stdlib-bpe-r{DEFAULT_TOKENIZER_REVISION}-{version}-v{vocab_size}"
+    return default_tokenizer_cache_root() / "tokenizers" / name
 
 
 def default_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerBase:

@@ -20,8 +20,8 @@ Never losing work: a checkpoint is *committed* only after every process has writ
 by a `ddl_checkpoint_complete.json` manifest listing each file and its size; old checkpoints are
 rotated out only after that. Rerunning with the same `output_dir` resumes from the newest
 committed checkpoint, deleting any checkpoint whose manifest is missing or does not match (a
-save interrupted by a crash), and refuses to start when the run's arguments differ from the
-fingerprint stored in `run_args.json`.
+save interrupted by a crash), and refuses to start when the folder holds checkpoints or a model
+of a run whose arguments differ from the fingerprint stored in `run_args.json`.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class DDLTrainingArguments(TrainingArguments):
     """
 
     output_dir: str | None = field(default="runs/default", metadata={"help": "where everything is written"})
-    max_steps: int = field(default=400, metadata={"help": "optimizer steps"})
+    max_steps: int = field(default=300, metadata={"help": "optimizer steps"})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "blocks per process per micro-batch"})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "blocks per process per eval batch"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (paper: 1e-3)"})
@@ -123,7 +123,7 @@ class DDLTrainingArguments(TrainingArguments):
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (paper: 0.95)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule after warmup"})
-    warmup_steps: float = field(default=40, metadata={"help": "linear warmup steps (or a fraction < 1)"})
+    warmup_steps: float = field(default=30, metadata={"help": "linear warmup steps (or a fraction < 1)"})
     eval_strategy: str = field(default="steps", metadata={"help": "when to evaluate"})
     eval_steps: float | None = field(default=50, metadata={"help": "evaluate every this many steps"})
     logging_steps: float = field(default=10, metadata={"help": "log the training loss every this many steps"})
@@ -437,9 +437,13 @@ def run_fingerprint(
 
 
 def check_output_dir(output_dir: str | Path, fingerprint: dict) -> None:
-    """Refuse an output folder that holds a different run (or files that no `ddl train` run wrote)."""
+    """Refuse an output folder whose checkpoints or model come from a run with other arguments (or
+    from no recorded `ddl train` run). A folder without checkpoints or model holds no work to protect."""
     output_dir = Path(output_dir)
     record = output_dir / RUN_ARGS_FILE
+    holds_work = bool(list_checkpoints(output_dir)) or (output_dir / "config.json").exists()
+    if not holds_work:
+        return
     if record.is_file():
         stored = json.loads(record.read_text(encoding="utf-8")).get("fingerprint", {})
         differences = [
@@ -454,7 +458,7 @@ def check_output_dir(output_dir: str | Path, fingerprint: dict) -> None:
                 + "; ".join(differences)
                 + ". Use another --output_dir, or delete this one to start over."
             )
-    elif list_checkpoints(output_dir) or (output_dir / "config.json").exists():
+    else:
         raise ValueError(
             f"--output_dir {str(output_dir)!r} holds checkpoints or a model that `ddl train` did not record "
             f"({RUN_ARGS_FILE} is missing); use another --output_dir"

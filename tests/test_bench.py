@@ -1,0 +1,113 @@
+"""`ddl bench` on the tiny preset: the report's structure, its ratios and the measurement harness.
+
+No timing is asserted (speed is only measured by the command itself); what is checked is exact:
+the JSON layout, that every ratio is its figure divided by the baseline's, the interleaving
+order of the harness, and the argument errors.
+"""
+
+import json
+
+import pytest
+
+from ddl_hf import bench
+from ddl_hf.cli import main as cli_main
+
+TINY = ["--preset", "tiny", "--seq_len", "16", "--batch_size", "2", "--repeats", "2", "--warmup", "1"]
+TINY += ["--decode_prompt_len", "4", "--decode_tokens", "2", "--decode_batch_sizes", "1", "2"]
+FIGURES = {
+    "train_tokens_per_s": "train_ratio",
+    "prefill_tokens_per_s": "prefill_ratio",
+    "decode_tokens_per_s": "decode_ratio",
+    "decode_batch_1_tokens_per_s": "decode_batch_1_ratio",
+    "decode_batch_2_tokens_per_s": "decode_batch_2_ratio",
+    "activation_bytes": "activation_ratio",
+    "peak_memory_bytes": "memory_ratio",
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One run of `ddl bench` with its memory subprocesses; `baseline` is added to the variants."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert cli_main(["bench", *TINY, "--variants", "write-only-cc", "ddl-cc", "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_report_structure(report):
+    config, results = report["config"], report["results"]
+    assert config["variants"] == ["baseline", "write-only-cc", "ddl-cc"]
+    assert list(results) == config["variants"]
+    for key, value in dict(preset="tiny", seq_len=16, batch_size=2, dtype="float32", device="cpu", repeats=2).items():
+        assert config[key] == value
+    assert config["ops"] == "fast" and config["timer"] == "wall" and config["decode_batch_sizes"] == [1, 2]
+    assert "RSS" in config["memory"]
+    for entry in results.values():
+        assert set(entry) == set(FIGURES) | set(FIGURES.values())
+        assert all(isinstance(value, float | int) and value > 0 for value in entry.values())
+        assert entry["decode_tokens_per_s"] == entry["decode_batch_2_tokens_per_s"]  # the largest decode batch
+
+
+def test_ratios_are_figures_over_the_baseline(report):
+    results = report["results"]
+    baseline = results["baseline"]
+    for entry in results.values():
+        for figure, ratio in FIGURES.items():
+            assert entry[ratio] == pytest.approx(entry[figure] / baseline[figure], rel=1e-12)
+    assert all(baseline[ratio] == 1.0 for ratio in FIGURES.values())
+
+
+def test_activation_bytes_follow_what_each_variant_keeps(report):
+    """Counted exactly: the d_v = 4 state is larger than the vector stream, and the write-only update
+    does not keep its state for backward (it never reads it), so it saves less than DDL."""
+    results = report["results"]
+    assert results["ddl-cc"]["activation_bytes"] > results["write-only-cc"]["activation_bytes"]
+    assert results["write-only-cc"]["activation_bytes"] > results["baseline"]["activation_bytes"]
+
+
+def test_table_lists_every_variant_with_its_ratios(report):
+    table = bench.format_table(report)
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | train tok/s | prefill tok/s | decode b1 tok/s | decode b2 tok/s")
+    assert len(lines) == 2 + len(report["results"])
+    for line, (name, entry) in zip(lines[2:], report["results"].items()):
+        assert line.startswith(f"| {name} |")
+        assert f"({entry['train_ratio']:.2f}x)" in line and f"({entry['memory_ratio']:.2f}x)" in line
+
+
+def test_interleaving_rotates_the_order_and_takes_medians():
+    calls = []
+    values = {"a": iter([9.0, 1.0, 2.0, 3.0]), "b": iter([9.0, 5.0, 7.0, 6.0]), "c": iter([9.0, 4.0, 4.0, 8.0])}
+
+    def measure(name):
+        calls.append(name)
+        return next(values[name])
+
+    medians = bench.interleaved_medians(["a", "b", "c"], measure, repeats=3, warmup=1)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert medians == {"a": 2.0, "b": 6.0, "c": 4.0}  # warm-up values (9.0) are dropped
+
+
+def test_ratio_keys():
+    assert bench._ratio_key("train_tokens_per_s") == "train_ratio"
+    assert bench._ratio_key("decode_batch_8_tokens_per_s") == "decode_batch_8_ratio"
+    assert bench._ratio_key("peak_memory_bytes") == "memory_ratio"
+    assert bench._ratio_key("activation_bytes") == "activation_ratio"
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--variants", "ddl-xx"], "--variants: unknown variant"),
+        (["--variants", "ddl-cc", "ddl-cc"], "twice"),
+        (["--preset", "huge"], "--preset 'huge' is unknown"),
+        (["--dtype", "float8"], "--dtype 'float8' is unknown"),
+        (["--repeats", "0"], "--repeats must be an integer >= 1"),
+        (["--warmup", "-1"], "--warmup must be an integer >= 0"),
+        (["--decode_batch_sizes", "0"], "--decode_batch_sizes must be integers >= 1"),
+        (["--timer", "gpu"], "--timer must be one of"),
+        (["--device", "tpu"], "--device must be cpu, cuda"),
+    ],
+)
+def test_bad_arguments_are_reported(arguments, message, capsys):
+    assert bench.main(arguments) == 2
+    assert message in capsys.readouterr().err

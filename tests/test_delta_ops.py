@@ -1,0 +1,380 @@
+"""The fast paths of `delta_ops` against their plain references: forward values and every gradient.
+
+Each fast path (the fused Delta update, the channel compressor, the token convolution, and the
+model paths built on them) must give the reference's results up to float rounding: tight
+tolerances in fp32, bf16-rounding tolerances in bf16. `reference_paths()` switches the model
+to the references, so whole models are compared too.
+"""
+
+import pytest
+import torch
+
+from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM, StateCompressor
+from ddl_hf.delta_ops import (
+    channel_compress,
+    channel_compress_reference,
+    delta_update,
+    delta_update_reference,
+    fast_paths_enabled,
+    reference_paths,
+    token_conv,
+    token_conv_reference,
+    unit_direction,
+)
+from ddl_hf.modeling_ddl import DeltaShortcut
+
+EPS = 1e-5
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+def bf16_tolerance(reference: torch.Tensor) -> dict:
+    """One or two bf16 rounding steps (relative 2^-8) of the reference's scale."""
+    return dict(rtol=1.6e-2, atol=1.6e-2 * float(reference.detach().float().abs().max()) + 1e-6)
+
+
+def random_problem(leading, d, d_v, dtype=torch.float32, generator=None):
+    """State X (*leading, d, d_v), h (*leading, d), beta (*leading, 1) in (0, 2), v (*leading, d_v)."""
+    state = torch.randn(*leading, d, d_v, generator=generator).to(dtype)
+    h = (3.0 * torch.randn(*leading, d, generator=generator)).to(dtype)
+    beta = (2.0 * torch.rand(*leading, 1, generator=generator)).to(dtype)
+    v = torch.randn(*leading, d_v, generator=generator).to(dtype)
+    return [tensor.requires_grad_() for tensor in (state, h, beta, v)]
+
+
+def value_and_grads(function, inputs, weights):
+    """function(*inputs) and the gradients of sum(output * weights) with respect to every input."""
+    output = function(*inputs)
+    grads = torch.autograd.grad((output.float() * weights).sum(), inputs)
+    return output, grads
+
+
+# --------------------------------------------------------------------------- fused Delta update
+SHAPES = [((6,), 16, 1), ((2, 5), 24, 1), ((7,), 16, 4), ((3, 4), 32, 2), ((9,), 8, 7), ((1,), 64, 4)]
+
+
+@pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
+@pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
+@pytest.mark.parametrize("leading,d,d_v", SHAPES)
+def test_delta_update_matches_reference_fp32(leading, d, d_v, erase, save_output):
+    inputs = random_problem(leading, d, d_v)
+    weights = torch.randn(*leading, d, d_v)
+    fast, fast_grads = value_and_grads(
+        lambda *a: delta_update(*a, EPS, erase=erase, save_output=save_output), inputs, weights
+    )
+    ref, ref_grads = value_and_grads(lambda *a: delta_update_reference(*a, EPS, erase=erase), inputs, weights)
+    assert fast.dtype == torch.float32 and fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, **FP32)
+    for name, got, expected in zip(("state", "h", "beta", "v"), fast_grads, ref_grads):
+        torch.testing.assert_close(got, expected, **FP32, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
+@pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_delta_update_matches_reference_bf16(d_v, erase, save_output):
+    inputs = random_problem((4, 6), 32, d_v, dtype=torch.bfloat16)
+    weights = torch.randn(4, 6, 32, d_v)
+    fast, fast_grads = value_and_grads(
+        lambda *a: delta_update(*a, EPS, erase=erase, save_output=save_output), inputs, weights
+    )
+    ref, ref_grads = value_and_grads(lambda *a: delta_update_reference(*a, EPS, erase=erase), inputs, weights)
+    assert fast.dtype == torch.bfloat16
+    assert all(g.dtype == torch.bfloat16 for g in fast_grads)
+    torch.testing.assert_close(fast.float(), ref.float(), **bf16_tolerance(ref))
+    for name, got, expected in zip(("state", "h", "beta", "v"), fast_grads, ref_grads):
+        torch.testing.assert_close(got.float(), expected.float(), **bf16_tolerance(expected), msg=f"gradient of {name}")
+
+
+def test_delta_update_keeps_the_inputs_dtypes_in_mixed_precision():
+    """A bf16 state with fp32 gate and value (autocast-style): each gradient in its input's dtype."""
+    state, h, beta, v = random_problem((5,), 16, 4)
+    state_bf16 = state.detach().bfloat16().requires_grad_()
+    inputs = [state_bf16, h, beta, v]
+    weights = torch.randn(5, 16, 4)
+    fast, fast_grads = value_and_grads(lambda *a: delta_update(*a, EPS), inputs, weights)
+    ref, ref_grads = value_and_grads(lambda *a: delta_update_reference(*a, EPS), inputs, weights)
+    assert fast.dtype == torch.bfloat16
+    assert [g.dtype for g in fast_grads] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    torch.testing.assert_close(fast.float(), ref.float(), **bf16_tolerance(ref))
+    for got, expected in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(got.float(), expected.float(), **bf16_tolerance(expected))
+
+
+def test_delta_update_broadcasts_gate_and_value_like_the_reference():
+    state, h, _, _ = random_problem((3, 4), 16, 4)
+    beta = torch.tensor([0.7], requires_grad=True)  # one gate for every token
+    v = torch.randn(1, 4, 4, requires_grad=True)  # one value per position, shared over the first dimension
+    inputs = [state, h, beta, v]
+    weights = torch.randn(3, 4, 16, 4)
+    fast, fast_grads = value_and_grads(lambda *a: delta_update(*a, EPS), inputs, weights)
+    ref, ref_grads = value_and_grads(lambda *a: delta_update_reference(*a, EPS), inputs, weights)
+    torch.testing.assert_close(fast, ref, **FP32)
+    assert fast_grads[2].shape == (1,)
+    for got, expected in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(got, expected, **FP32)
+
+
+def test_delta_update_zero_sublayer_output_is_finite_and_matches_reference():
+    state, h, beta, v = random_problem((4,), 16, 4)
+    h = h.detach().clone()
+    h[1] = 0.0
+    h[2] = 1e-7  # below the guard eps
+    h.requires_grad_()
+    inputs = [state, h, beta, v]
+    weights = torch.randn(4, 16, 4)
+    fast, fast_grads = value_and_grads(lambda *a: delta_update(*a, EPS), inputs, weights)
+    ref, ref_grads = value_and_grads(lambda *a: delta_update_reference(*a, EPS), inputs, weights)
+    assert torch.equal(fast[1], state[1].detach())  # k = 0: nothing is written
+    assert all(torch.isfinite(g).all() for g in fast_grads)
+    torch.testing.assert_close(fast, ref, **FP32)
+    for got, expected in zip(fast_grads, ref_grads):
+        # h's gradient at |h| << eps is 1 / eps times the others: compare relative to its scale.
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_fast_delta_update_keeps_the_algebra(d_v):
+    """beta = 1 overwrites the readout (k^T X' = v^T); the error contracts by (1 - beta)."""
+    state, h, _, v = (t.detach() for t in random_problem((8,), 16, d_v))
+    k = unit_direction(h, EPS)
+    read = lambda matrix: torch.einsum("nd,ndv->nv", k, matrix)  # noqa: E731
+    overwritten = delta_update(state, h, torch.ones(8, 1), v, EPS)
+    torch.testing.assert_close(read(overwritten), v, atol=1e-5, rtol=0)
+    beta = 2.0 * torch.rand(8, 1)
+    contracted = read(delta_update(state, h, beta, v, EPS)) - v
+    torch.testing.assert_close(contracted, (1.0 - beta) * (read(state) - v), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
+@pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
+@pytest.mark.parametrize("d_v", [1, 3])
+def test_delta_update_write_output_and_its_gradient(d_v, erase, save_output):
+    """`return_write`: the new state is X + h w^T, and gradients through w match the reference mode."""
+    inputs = random_problem((2, 5), 16, d_v)
+    state_weights, write_weights = torch.randn(2, 5, 16, d_v), torch.randn(2, 5, d_v)
+
+    def loss_and_grads():
+        new_state, write = delta_update(*inputs, EPS, erase=erase, return_write=True, save_output=save_output)
+        loss = (new_state * state_weights).sum() + (write.square() * write_weights).sum()
+        return new_state, write, torch.autograd.grad(loss, inputs)
+
+    new_state, write, grads = loss_and_grads()
+    assert write.dtype == torch.float32 and write.shape == (2, 5, d_v)
+    state, h = inputs[0].detach(), inputs[1].detach()
+    torch.testing.assert_close(new_state, state + h.unsqueeze(-1) * write.detach().unsqueeze(-2), **FP32)
+    with reference_paths():
+        ref_state, ref_write, ref_grads = loss_and_grads()
+    torch.testing.assert_close(new_state, ref_state, **FP32)
+    torch.testing.assert_close(write, ref_write, **FP32)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, **FP32)
+
+
+def test_delta_update_rejects_a_mismatched_direction():
+    state, h, beta, v = (t.detach() for t in random_problem((4,), 16, 2))
+    with pytest.raises(ValueError, match="h must have shape"):
+        delta_update(state, h[:, :8], beta, v, EPS)
+
+
+def test_fast_paths_refuse_second_order_gradients():
+    """Documented: the analytic backwards are first order; create_graph raises instead of dropping terms."""
+    state, h, beta, v = random_problem((4,), 16, 2)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(delta_update(state, h, beta, v, EPS).sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(channel_compress(state, torch.ones(16, 2)).sum(), state, create_graph=True)
+    with reference_paths():  # the references support second order
+        (grad_h,) = torch.autograd.grad(delta_update(state, h, beta, v, EPS).sum(), h, create_graph=True)
+    (second,) = torch.autograd.grad(grad_h.square().sum(), h)
+    assert torch.isfinite(second).all() and second.abs().sum() > 0
+
+
+def test_delta_update_traces_under_torch_compile():
+    """The fused function stays compilable in one graph (aot_eager: tracing without a C++ toolchain)."""
+    inputs = random_problem((3, 4), 16, 4)
+    weights = torch.randn(3, 4, 16, 4)
+
+    def step(state, h, beta, v):
+        new_state, write = delta_update(state, h, beta, v, EPS, return_write=True)
+        return (new_state * weights).sum() + write.sum()
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    eager_loss = step(*inputs)
+    eager_grads = torch.autograd.grad(eager_loss, inputs)
+    compiled_loss = compiled(*inputs)
+    compiled_grads = torch.autograd.grad(compiled_loss, inputs)
+    torch.testing.assert_close(compiled_loss, eager_loss, **FP32)
+    for got, expected in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, expected, **FP32)
+
+
+# --------------------------------------------------------------------------- compressors and convolutions
+@pytest.mark.parametrize(
+    "dtype,weight_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
+    ids=["fp32", "bf16", "bf16-state-fp32-weight"],
+)
+def test_channel_compress_matches_reference(dtype, weight_dtype):
+    matrix = torch.randn(3, 7, 24, 4).to(dtype).requires_grad_()
+    read_weight = torch.randn(24, 4).to(weight_dtype).requires_grad_()
+    weights = torch.randn(3, 7, 24)
+    inputs = [matrix, read_weight]
+    fast, fast_grads = value_and_grads(channel_compress, inputs, weights)
+    ref, ref_grads = value_and_grads(channel_compress_reference, inputs, weights)
+    assert fast.dtype == ref.dtype == torch.promote_types(dtype, weight_dtype)
+    assert [g.dtype for g in fast_grads] == [dtype, weight_dtype]
+    tolerance = FP32 if ref.dtype == torch.float32 and dtype == torch.float32 else bf16_tolerance(ref)
+    torch.testing.assert_close(fast, ref, **tolerance)
+    for got, expected in zip(fast_grads, ref_grads):
+        tol = FP32 if dtype == weight_dtype == torch.float32 else bf16_tolerance(expected)
+        torch.testing.assert_close(got.float(), expected.float(), **tol)
+
+
+@pytest.mark.parametrize(
+    "channels,weight_shape",
+    [(12, (12, 1, 4)), (12, (3, 4, 4)), (4, (16, 1, 4)), (8, (8, 1, 1)), (6, (2, 3, 2))],
+    ids=["depthwise", "folded-compressor", "expansion", "kernel-1", "grouped"],
+)
+def test_token_conv_matches_reference(channels, weight_shape):
+    kernel = weight_shape[-1]
+    for padding in range(kernel):
+        x = torch.randn(2, 9, channels, requires_grad=True)
+        weight = torch.randn(*weight_shape, requires_grad=True)
+        expected_tokens = 9 + padding - kernel + 1
+        weights = torch.randn(2, expected_tokens, weight_shape[0])
+        fast, fast_grads = value_and_grads(lambda a, w, p=padding: token_conv(a, w, p), [x, weight], weights)
+        ref, ref_grads = value_and_grads(lambda a, w, p=padding: token_conv_reference(a, w, p), [x, weight], weights)
+        assert fast.shape == ref.shape == (2, expected_tokens, weight_shape[0])
+        torch.testing.assert_close(fast, ref, **FP32)
+        for got, expected in zip(fast_grads, ref_grads):
+            torch.testing.assert_close(got, expected, **FP32)
+
+
+def test_token_conv_output_token_t_reads_inputs_up_to_t():
+    """Causality, exactly: changing input token t leaves every output before t unchanged."""
+    x = torch.randn(1, 10, 6)
+    weight = torch.randn(6, 1, 4)
+    base = token_conv(x, weight, padding=3)
+    changed = x.clone()
+    changed[:, 5] += 1.0
+    out = token_conv(changed, weight, padding=3)
+    assert torch.equal(out[:, :5], base[:, :5])
+    assert not torch.equal(out[:, 5], base[:, 5])
+
+
+def test_read_after_write_equals_reading_the_new_state():
+    compressor = StateCompressor(16, 4, kind="channel")
+    with torch.no_grad():
+        compressor.read_weight.normal_()
+    state = torch.randn(2, 5, 64)
+    h, write = torch.randn(2, 5, 16), torch.randn(2, 5, 4)
+    new_state = (state.unflatten(-1, (16, 4)) + h.unsqueeze(-1) * write.unsqueeze(-2)).flatten(-2)
+    torch.testing.assert_close(compressor.read_after_write(compressor(state), h, write), compressor(new_state), **FP32)
+    with pytest.raises(ValueError, match="kind='channel'"):
+        StateCompressor(16, 4, kind="token").read_after_write(compressor(state), h, write)
+
+
+@pytest.mark.parametrize("value_channels", [1, 4])
+def test_shortcut_write_reproduces_its_new_state(value_channels):
+    shortcut = DeltaShortcut(16, value_channels=value_channels)
+    state = torch.randn(2, 3, 16 * value_channels)
+    h, context, block_input = torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    new_state, write = shortcut(state, h, context, block_input, return_write=True)
+    assert torch.equal(new_state, shortcut(state, h, context, block_input))
+    rebuilt = state.unflatten(-1, (16, value_channels)) + h.unsqueeze(-1) * write.unsqueeze(-2)
+    torch.testing.assert_close(new_state, rebuilt.flatten(-2), **FP32)
+
+
+def test_reference_paths_switches_and_restores():
+    assert fast_paths_enabled()
+    with pytest.raises(KeyError):
+        with reference_paths():
+            assert not fast_paths_enabled()
+            with reference_paths():
+                assert not fast_paths_enabled()
+            assert not fast_paths_enabled()
+            raise KeyError("restored even on errors")
+    assert fast_paths_enabled()
+
+
+# --------------------------------------------------------------------------- whole models
+def perturbed_model(variant: str) -> DDLForCausalLM:
+    """A tiny model whose gates, values and compressors are moved off their (symmetric) init."""
+    torch.manual_seed(0)
+    model = DDLForCausalLM(DDLConfig.from_preset("tiny", variant))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def logits_and_grads(model, input_ids, attention_mask):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("variant", sorted(PRESET_VARIANTS))
+def test_model_logits_and_gradients_equal_the_reference_paths(variant):
+    model = perturbed_model(variant)
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # a left-padded row exercises the masked token convolutions
+    logits, grads = logits_and_grads(model, input_ids, attention_mask)
+    with reference_paths():
+        ref_logits, ref_grads = logits_and_grads(model, input_ids, attention_mask)
+    torch.testing.assert_close(logits, ref_logits, **FP32)
+    assert grads.keys() == ref_grads.keys() == {name for name, _ in model.named_parameters()}
+    for name, grad in grads.items():
+        # Summed gradients (gate biases, read weights) carry cancellation: tolerance relative to each tensor's scale.
+        scale = float(ref_grads[name].abs().max())
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-4 * scale + 1e-8, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc"])
+def test_cached_decoding_equals_the_reference_paths(variant):
+    model = perturbed_model(variant).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6))
+
+    def greedy_logits():
+        with torch.no_grad():
+            out = model(input_ids=prompt, use_cache=True)
+            steps = [out.logits[:, -1]]
+            for _ in range(4):
+                out = model(input_ids=steps[-1].argmax(-1, keepdim=True), cache=out.cache, use_cache=True)
+                steps.append(out.logits[:, -1])
+        return torch.stack(steps, 1)
+
+    fast = greedy_logits()
+    with reference_paths():
+        ref = greedy_logits()
+    torch.testing.assert_close(fast, ref, **FP32)
+
+
+@pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"])
+def test_fast_paths_save_no_more_for_backward_than_the_reference(variant):
+    """Bytes of the distinct tensors autograd keeps for backward (weights excluded), counted exactly."""
+    model = perturbed_model(variant)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes():
+        storages = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        del loss
+        return sum(storages.values())
+
+    fast = saved_bytes()
+    with reference_paths():
+        reference = saved_bytes()
+    assert fast < reference, (fast, reference)
