@@ -40,7 +40,7 @@ def test_report_structure(report):
     for key, value in dict(preset="tiny", seq_len=16, batch_size=2, dtype="float32", device="cpu", repeats=2).items():
         assert config[key] == value
     assert config["ops"] == "fast" and config["timer"] == "wall" and config["decode_batch_sizes"] == [1, 2]
-    assert "RSS" in config["memory"]
+    assert "live CPU tensors" in config["memory"]
     for entry in results.values():
         assert set(entry) == set(FIGURES) | set(FIGURES.values())
         assert all(isinstance(value, float | int) and value > 0 for value in entry.values())

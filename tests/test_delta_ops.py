@@ -13,6 +13,8 @@ from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM, StateCompressor
 from ddl_hf.delta_ops import (
     channel_compress,
     channel_compress_reference,
+    channel_read_after_write,
+    channel_read_after_write_reference,
     delta_update,
     delta_update_reference,
     fast_paths_enabled,
@@ -145,29 +147,42 @@ def test_fast_delta_update_keeps_the_algebra(d_v):
     torch.testing.assert_close(contracted, (1.0 - beta) * (read(state) - v), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("d_v", [1, 4])
+def test_delta_update_gives_the_same_bits_with_and_without_autograd(d_v):
+    """Inference runs the fused math without the autograd function: outputs must not depend on the grad mode."""
+    state, h, beta, v = random_problem((6,), 32, d_v)
+    with_grad = delta_update(state, h, beta, v, EPS)
+    with torch.no_grad():
+        without = delta_update(state, h, beta, v, EPS)
+    assert torch.equal(with_grad, without)
+    torch.testing.assert_close(without, delta_update_reference(state, h, beta, v, EPS), **FP32)
+
+
 @pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
 @pytest.mark.parametrize("d_v", [1, 3])
 def test_delta_update_write_output_and_its_gradient(d_v, erase, save_output):
-    """`return_write`: the new state is X + h w^T, and gradients through w match the reference mode."""
+    """`return_write`: the new state is X + h w^T, and gradients through w (alone or with the state) match
+    the reference mode."""
     inputs = random_problem((2, 5), 16, d_v)
     state_weights, write_weights = torch.randn(2, 5, 16, d_v), torch.randn(2, 5, d_v)
 
-    def loss_and_grads():
+    def grads(use_state):
         new_state, write = delta_update(*inputs, EPS, erase=erase, return_write=True, save_output=save_output)
-        loss = (new_state * state_weights).sum() + (write.square() * write_weights).sum()
-        return new_state, write, torch.autograd.grad(loss, inputs)
+        loss = (write.square() * write_weights).sum() + ((new_state * state_weights).sum() if use_state else 0.0)
+        return new_state, write, torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
 
-    new_state, write, grads = loss_and_grads()
+    for use_state in (True, False):
+        new_state, write, fast_grads = grads(use_state)
+        with reference_paths():
+            ref_state, ref_write, ref_grads = grads(use_state)
+        torch.testing.assert_close(new_state, ref_state, **FP32)
+        torch.testing.assert_close(write, ref_write, **FP32)
+        for got, expected in zip(fast_grads, ref_grads):
+            torch.testing.assert_close(got, expected, **FP32)
     assert write.dtype == torch.float32 and write.shape == (2, 5, d_v)
     state, h = inputs[0].detach(), inputs[1].detach()
     torch.testing.assert_close(new_state, state + h.unsqueeze(-1) * write.detach().unsqueeze(-2), **FP32)
-    with reference_paths():
-        ref_state, ref_write, ref_grads = loss_and_grads()
-    torch.testing.assert_close(new_state, ref_state, **FP32)
-    torch.testing.assert_close(write, ref_write, **FP32)
-    for got, expected in zip(grads, ref_grads):
-        torch.testing.assert_close(got, expected, **FP32)
 
 
 def test_delta_update_rejects_a_mismatched_direction():
@@ -189,14 +204,17 @@ def test_fast_paths_refuse_second_order_gradients():
     assert torch.isfinite(second).all() and second.abs().sum() > 0
 
 
-def test_delta_update_traces_under_torch_compile():
-    """The fused function stays compilable in one graph (aot_eager: tracing without a C++ toolchain)."""
+def test_fast_paths_trace_under_torch_compile():
+    """The fused functions stay compilable in one graph (aot_eager: tracing without a C++ toolchain)."""
     inputs = random_problem((3, 4), 16, 4)
     weights = torch.randn(3, 4, 16, 4)
+    read_weight = torch.randn(16, 4)
 
     def step(state, h, beta, v):
         new_state, write = delta_update(state, h, beta, v, EPS, return_write=True)
-        return (new_state * weights).sum() + write.sum()
+        read = channel_read_after_write(channel_compress(new_state, read_weight), h, write, read_weight)
+        newer = delta_update(new_state, h, beta, v, EPS, save_output=True)
+        return (newer * weights).sum() + read.sum()
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     eager_loss = step(*inputs)
@@ -206,6 +224,25 @@ def test_delta_update_traces_under_torch_compile():
     torch.testing.assert_close(compiled_loss, eager_loss, **FP32)
     for got, expected in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(got, expected, **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_channel_read_after_write_matches_reference(dtype):
+    inputs = [
+        torch.randn(3, 5, 16).to(dtype).requires_grad_(),
+        torch.randn(3, 5, 16).to(dtype).requires_grad_(),
+        torch.randn(3, 5, 4).requires_grad_(),
+        torch.randn(16, 4).to(dtype).requires_grad_(),
+    ]
+    weights = torch.randn(3, 5, 16)
+    fast, fast_grads = value_and_grads(channel_read_after_write, inputs, weights)
+    ref, ref_grads = value_and_grads(channel_read_after_write_reference, inputs, weights)
+    assert fast.dtype == dtype and [g.dtype for g in fast_grads] == [t.dtype for t in inputs]
+    tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(ref)
+    torch.testing.assert_close(fast.float(), ref.float(), **tolerance)
+    for got, expected in zip(fast_grads, ref_grads):
+        tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
+        torch.testing.assert_close(got.float(), expected.float(), **tolerance)
 
 
 # --------------------------------------------------------------------------- compressors and convolutions
@@ -250,16 +287,49 @@ def test_token_conv_matches_reference(channels, weight_shape):
             torch.testing.assert_close(got, expected, **FP32)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40], ids=["decode-step", "few-tokens", "convolution"])
+def test_token_conv_few_and_many_tokens_match_reference(tokens):
+    """A few output tokens go through a direct product of the windows, more through the convolution."""
+    for channels, weight_shape in ((12, (3, 4, 4)), (4, (16, 1, 4)), (6, (2, 3, 2))):
+        for padding in (0, 1):
+            x = torch.randn(2, tokens + weight_shape[-1] - 1 - padding, channels, requires_grad=True)
+            weight = torch.randn(*weight_shape, requires_grad=True)
+            weights = torch.randn(2, tokens, weight_shape[0])
+            fast, fast_grads = value_and_grads(lambda a, w, p=padding: token_conv(a, w, p), [x, weight], weights)
+            ref, ref_grads = value_and_grads(
+                lambda a, w, p=padding: token_conv_reference(a, w, p), [x, weight], weights
+            )
+            torch.testing.assert_close(fast, ref, **FP32)
+            for got, expected in zip(fast_grads, ref_grads):
+                torch.testing.assert_close(got, expected, **FP32)
+
+
 def test_token_conv_output_token_t_reads_inputs_up_to_t():
     """Causality, exactly: changing input token t leaves every output before t unchanged."""
-    x = torch.randn(1, 10, 6)
-    weight = torch.randn(6, 1, 4)
-    base = token_conv(x, weight, padding=3)
-    changed = x.clone()
-    changed[:, 5] += 1.0
-    out = token_conv(changed, weight, padding=3)
-    assert torch.equal(out[:, :5], base[:, :5])
-    assert not torch.equal(out[:, 5], base[:, 5])
+    for tokens in (10, 100):  # both code paths
+        x = torch.randn(1, tokens, 6)
+        weight = torch.randn(6, 1, 4)
+        base = token_conv(x, weight, padding=3)
+        changed = x.clone()
+        changed[:, 5] += 1.0
+        out = token_conv(changed, weight, padding=3)
+        assert torch.equal(out[:, :5], base[:, :5])
+        assert not torch.equal(out[:, 5], base[:, 5])
+
+
+def test_channel_compress_small_and_large_inputs_match_reference():
+    """Decoding-size inputs take a product and a sum, larger ones the grouped convolution."""
+    read_weight = torch.randn(64, 4, requires_grad=True)
+    for tokens in (3, 300):
+        matrix = torch.randn(tokens, 64, 4, requires_grad=True)
+        weights = torch.randn(tokens, 64)
+        fast, fast_grads = value_and_grads(channel_compress, [matrix, read_weight], weights)
+        ref, ref_grads = value_and_grads(channel_compress_reference, [matrix, read_weight], weights)
+        torch.testing.assert_close(fast, ref, **FP32)
+        for got, expected in zip(fast_grads, ref_grads):
+            torch.testing.assert_close(got, expected, **FP32)
+        with torch.no_grad():
+            assert torch.equal(channel_compress(matrix, read_weight), fast)
 
 
 def test_read_after_write_equals_reading_the_new_state():

@@ -412,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['config']['ops']} ops, load average {report['config']['load_average_before']} -> "
         f"{report['config']['load_average_after']}"
     )
+    load = report["config"]["load_average_before"]
+    if load is not None and args.timer == "wall" and load[0] > (os.cpu_count() or 1):
+        print(
+            f"ddl bench: warning: the machine was busy (load average {load[0]} on {os.cpu_count()} cores); "
+            "wall-clock figures of multi-threaded runs are unreliable under load, rerun when it is idle or "
+            "with --threads 1 --timer cpu",
+            file=sys.stderr,
+        )
     print(format_table(report))
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as handle:

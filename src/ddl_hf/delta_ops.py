@@ -35,7 +35,7 @@ meant for tests and benchmarks (`ddl bench`), which compare the two.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,20 @@ def _rowwise_matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
     return torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
 
 
+def _full_precision(tensor: torch.Tensor) -> AbstractContextManager:
+    """Autocast switched off on the tensor's device, when it is on (entering the context costs more
+    than a decoding step's arithmetic, so it is skipped when there is nothing to switch off)."""
+    device_type = tensor.device.type
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether a call must record a graph. Inference (decoding above all) calls the same forward
+    math directly, so results do not depend on the grad mode: at a few tokens, the overhead of an
+    autograd function outweighs the arithmetic."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
 def _refuse_double_backward(name: str) -> None:
     """Raise under create_graph=True: the analytic backwards here are not written to be differentiated, and
     returning gradients that silently miss their second-order terms would be worse than an error."""
@@ -148,35 +162,41 @@ def _refuse_double_backward(name: str) -> None:
         )
 
 
+def _delta_update_forward(state, h, beta, v, eps: float, erase: bool):
+    """The fused rewrite on flat inputs (see `_DeltaUpdate`): the new state and the per-token r, t, w."""
+    # fp32 math whatever autocast says: the rewrite is defined in fp32 (see the module docstring).
+    with _full_precision(state):
+        hf = h.float()
+        r = _inverse_norm(hf, eps)  # (N, 1)
+        target = v.float()  # (N, d_v)
+        if erase:
+            target = target - _rowwise_dot(hf, state.float()) * r
+        write = beta.float() * r * target
+        new_state = _outer_add(state.float(), hf, write).to(state.dtype)
+    return new_state, r, target, write
+
+
 class _DeltaUpdate(torch.autograd.Function):
     """X' = X + h w^T with the write w = beta r t, r = 1 / sqrt(|h|^2 + eps^2) and the target
     t = v - [erase] r X^T h, on flat inputs X (N, d, d_v), h (N, d), beta (N, 1), v (N, d_v).
-    Returns X' and w (fp32, (N, d_v)); w lets a channel compressor read X' without touching it
-    (`StateCompressor.read_after_write`).
+    Returns X' and w (fp32, (N, d_v)); w lets a channel compressor read X' without another pass
+    over it (`channel_read_after_write`).
 
     Backward, with G = dL/dX', S = G^T h + dL/dw and T = beta r S:
 
         dL/dv    = T
         dL/dbeta = r S . t
         dL/dX    = G - [erase] r h T^T
-        dL/dh    = G w - [erase] r X T + h ([erase] r^3 T . (X^T h) - r^3 beta S . t)
+        dL/dh    = G w - [erase] r X T + h ([erase] r^2 T . (v - t) - r^3 beta S . t)
 
-    Besides h, beta, v and two per-token vectors it keeps one state, X or, with `save_output`,
-    X' (X T = X' T - h (w . T); X^T h = (v - t) / r needs neither): the caller picks the one
-    that another op keeps for backward anyway, so the rewrite adds no state-sized memory.
+    Besides h, beta, v and the per-token r, t, w it keeps one state: X, or with `save_output` X'
+    (then X T = X' T - h (w . T)); the caller picks the one that another layer keeps for backward
+    anyway, so the rewrite adds no state-sized memory.
     """
 
     @staticmethod
     def forward(ctx, state, h, beta, v, eps: float, erase: bool, save_output: bool):
-        # fp32 math whatever autocast says: the rewrite is defined in fp32 (see the module docstring).
-        with torch.autocast(state.device.type, enabled=False):
-            hf = h.float()
-            r = _inverse_norm(hf, eps)  # (N, 1)
-            target = v.float()  # (N, d_v)
-            if erase:
-                target = target - _rowwise_dot(hf, state.float()) * r
-            write = beta.float() * r * target
-            new_state = _outer_add(state.float(), hf, write).to(state.dtype)
+        new_state, r, target, write = _delta_update_forward(state, h, beta, v, eps, erase)
         ctx.erase, ctx.save_output = erase, save_output
         ctx.input_dtypes = (state.dtype, h.dtype, beta.dtype, v.dtype)
         ctx.set_materialize_grads(False)
@@ -190,39 +210,35 @@ class _DeltaUpdate(torch.autograd.Function):
         saved_state, h, beta, v, r, target, write = ctx.saved_tensors
         state_dtype, h_dtype, beta_dtype, v_dtype = ctx.input_dtypes
         need_state, need_h, need_beta, need_v = ctx.needs_input_grad[:4]
-        if grad_new_state is None and grad_write is None:
-            return None, None, None, None, None, None, None
         grad_state = grad_h = grad_beta = grad_v = None
-        with torch.autocast(h.device.type, enabled=False):
+        if grad_new_state is None and grad_write is None:
+            return grad_state, grad_h, grad_beta, grad_v, None, None, None
+        with _full_precision(h):
             hf, bf = h.float(), beta.float()
-            grad_out = None if grad_new_state is None else grad_new_state.float()
-            s_grad = torch.zeros_like(write) if grad_out is None else _rowwise_dot(hf, grad_out)  # S = G^T h + dL/dw
+            if grad_new_state is None:  # only w is used: G = 0
+                grad_new_state = torch.zeros(*hf.shape, write.shape[-1], dtype=state_dtype, device=hf.device)
+            grad_out = grad_new_state.float()
+            s_grad = _rowwise_dot(hf, grad_out)  # S = G^T h + dL/dw  (N, d_v)
             if grad_write is not None:
                 s_grad = s_grad + grad_write.float()
             t_grad = bf * r * s_grad  # T = dL/dt
-            s_dot_t = (s_grad * target).sum(-1, keepdim=True)  # S . t
+            s_dot_t = (s_grad * target).sum(-1, keepdim=True)
             if need_v:
                 grad_v = t_grad.to(v_dtype)
             if need_beta:
                 grad_beta = (r * s_dot_t).to(beta_dtype)
             if need_state:
-                if grad_out is None:
-                    grad_out = torch.zeros(*h.shape, write.shape[-1], dtype=torch.float32, device=h.device)
                 grad_state = _outer_add(grad_out, hf, r * t_grad, alpha=-1.0) if ctx.erase else grad_out
                 grad_state = grad_state.to(state_dtype)
             if need_h:
-                r_cubed = r * r * r
-                h_scale = -r_cubed * bf * s_dot_t  # (N, 1)
-                grad_h = None if grad_out is None else _rowwise_matvec(grad_out, write)  # G w
+                h_scale = -r * r * r * bf * s_dot_t  # (N, 1)
+                grad_h = _rowwise_matvec(grad_out, write)  # G w
                 if ctx.erase:
-                    # r^3 T . (X^T h) with X^T h = (v - t) / r;  - r X T = - r X' T + r h (w . T)
                     h_scale = h_scale + r * r * (t_grad * (v.float() - target)).sum(-1, keepdim=True)
-                    if ctx.save_output:
+                    if ctx.save_output:  # X T = X' T - h (w . T)
                         h_scale = h_scale + r * (write * t_grad).sum(-1, keepdim=True)
-                    x_t = _rowwise_matvec(saved_state.float(), t_grad)
-                    grad_h = x_t.mul_(-r) if grad_h is None else grad_h.sub_(x_t.mul_(r))
-                grad_h = hf * h_scale if grad_h is None else grad_h.addcmul_(hf, h_scale)
-                grad_h = grad_h.to(h_dtype)
+                    grad_h = grad_h.sub_(_rowwise_matvec(saved_state.float(), t_grad).mul_(r))
+                grad_h = grad_h.addcmul_(hf, h_scale).to(h_dtype)
         return grad_state, grad_h, grad_beta, grad_v, None, None, None
 
 
@@ -240,14 +256,13 @@ def delta_update(
 
     `state` (..., d, d_v), `h` (..., d), `beta` (..., 1), `v` (..., d_v); `beta` and `v` may
     broadcast over the leading dimensions. Returns (..., d, d_v) in `state.dtype`; with
-    `return_write=True` also the write w (..., d_v) in fp32, such that the new state is
+    `return_write=True` also the write w (..., d_v) in fp32 such that the new state is
     `state + h w^T` (w = beta (v - [erase] k^T X) / sqrt(|h|^2 + eps^2)).
 
     Backward keeps one state-sized tensor: the input state, or the new state with
-    `save_output=True`; choose the one the surrounding model keeps anyway (a compressor reading
-    it, say), so that the rewrite adds only (..., d) and (..., d_v) tensors to memory. Supports
-    first-order gradients (`create_graph=True` through it raises; use `reference_paths()` for
-    higher orders).
+    `save_output=True`; pick the one the surrounding model keeps anyway (a layer reading it), so
+    that the rewrite adds only (..., d) and (..., d_v) tensors. Supports first-order gradients
+    (`create_graph=True` through it raises; use `reference_paths()` for higher orders).
     """
     *leading, d, d_v = state.shape
     if h.shape != (*leading, d):
@@ -259,13 +274,14 @@ def delta_update(
         # The write of the same definitions: X' = X + beta k t^T = X + h (beta r t)^T.
         hf = h.float()
         r = torch.rsqrt(hf.square().sum(-1, keepdim=True) + eps * eps)
-        target = v.float()
-        if erase:
-            target = target - ((hf * r).unsqueeze(-1) * state.float()).sum(-2)
+        target = v.float() - ((hf * r).unsqueeze(-1) * state.float()).sum(-2) if erase else v.float()
         return new_state, beta.float() * r * target
-    beta = beta.expand(*leading, 1).reshape(-1, 1)
-    v = v.expand(*leading, d_v).reshape(-1, d_v)
-    new_state, write = _DeltaUpdate.apply(state.reshape(-1, d, d_v), h.reshape(-1, d), beta, v, eps, erase, save_output)
+    flat = (state.reshape(-1, d, d_v), h.reshape(-1, d), beta.expand(*leading, 1).reshape(-1, 1))
+    flat += (v.expand(*leading, d_v).reshape(-1, d_v),)
+    if _needs_autograd(*flat):
+        new_state, write = _DeltaUpdate.apply(*flat, eps, erase, save_output)
+    else:
+        new_state, _, _, write = _delta_update_forward(*flat, eps, erase)
     new_state = new_state.view(state.shape)
     return (new_state, write.view(*leading, d_v)) if return_write else new_state
 
@@ -275,6 +291,20 @@ def channel_compress_reference(matrix: torch.Tensor, read_weight: torch.Tensor) 
     """Plain reference of the channel compressor: `(..., d, d_v), (d, d_v) -> (..., d)`,
     `x_in[..., i] = sum_j W[i, j] X[..., i, j]`."""
     return (matrix * read_weight).sum(-1)
+
+
+# Below this many state elements (a decoding step), a product and a sum beat a convolution call.
+_SMALL_INPUT = 1 << 16
+
+
+def _grouped_read(matrix: torch.Tensor, read_weight: torch.Tensor) -> torch.Tensor:
+    """(N, d, d_v), (d, d_v) -> (N, d) as a grouped convolution (group i reads its d_v values once),
+    or, for small inputs, as a product and a sum."""
+    if matrix.numel() < _SMALL_INPUT:
+        return channel_compress_reference(matrix, read_weight)
+    # The reference (a product and a sum) is not autocast, so the convolution must not be either.
+    with _full_precision(matrix):
+        return F.conv1d(matrix, read_weight.unsqueeze(1), groups=read_weight.shape[0]).squeeze(-1)
 
 
 class _ChannelCompress(torch.autograd.Function):
@@ -287,9 +317,7 @@ class _ChannelCompress(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix, read_weight):
         ctx.save_for_backward(matrix, read_weight)
-        # The reference (a product and a sum) is not autocast, so the convolution must not be either.
-        with torch.autocast(matrix.device.type, enabled=False):
-            return F.conv1d(matrix, read_weight.unsqueeze(1), groups=read_weight.shape[0]).squeeze(-1)
+        return _grouped_read(matrix, read_weight)
 
     @staticmethod
     def backward(ctx, grad_read):
@@ -310,8 +338,63 @@ def channel_compress(matrix: torch.Tensor, read_weight: torch.Tensor) -> torch.T
         return channel_compress_reference(matrix, read_weight)
     *leading, d, d_v = matrix.shape
     dtype = torch.promote_types(matrix.dtype, read_weight.dtype)
-    flat = matrix.reshape(-1, d, d_v).to(dtype)
-    return _ChannelCompress.apply(flat, read_weight.to(dtype)).view(*leading, d)
+    flat, weight = matrix.reshape(-1, d, d_v).to(dtype), read_weight.to(dtype)
+    if _needs_autograd(flat, weight):
+        return _ChannelCompress.apply(flat, weight).view(*leading, d)
+    return _grouped_read(flat, weight).view(*leading, d)
+
+
+def channel_read_after_write_reference(
+    read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, read_weight: torch.Tensor
+) -> torch.Tensor:
+    """Plain reference of `channel_read_after_write`."""
+    update = h.float() * F.linear(write.float(), read_weight.float())
+    return (read.float() + update).to(read.dtype)
+
+
+class _ChannelReadAfterWrite(torch.autograd.Function):
+    """read + h * (w W^T) on flat (N, d), (N, d), (N, d_v), (d, d_v); backward recomputes the (N, d)
+    product w W^T from the small w instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx, read, h, write, read_weight):
+        with _full_precision(read):
+            update = h.float() * F.linear(write.float(), read_weight.float())
+            new_read = (read.float() + update).to(read.dtype)
+        ctx.dtypes = (read.dtype, h.dtype, write.dtype, read_weight.dtype)
+        ctx.save_for_backward(h, write, read_weight)
+        return new_read
+
+    @staticmethod
+    def backward(ctx, grad_read):
+        _refuse_double_backward("channel_read_after_write")
+        h, write, read_weight = ctx.saved_tensors
+        read_dtype, h_dtype, write_dtype, weight_dtype = ctx.dtypes
+        with _full_precision(grad_read):
+            grad, weight = grad_read.float(), read_weight.float()
+            grad_h = (grad * F.linear(write.float(), weight)).to(h_dtype)
+            grad_update = grad * h.float()  # dL/d(w W^T), (N, d)
+            grad_write = (grad_update @ weight).to(write_dtype)
+            grad_weight = (grad_update.t() @ write.float()).to(weight_dtype)
+        return grad_read.to(read_dtype), grad_h, grad_write, grad_weight
+
+
+def channel_read_after_write(
+    read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, read_weight: torch.Tensor
+) -> torch.Tensor:
+    """The channel compressor's read of X + h w^T from its read of X, without X:
+    `sum_j W[i, j] (X[i, j] + h[i] w[j]) = read[i] + h[i] (W w)[i]`.
+
+    `read` (..., d), `h` (..., d), `write` (..., d_v), `read_weight` W (d, d_v) -> (..., d) in
+    `read.dtype`, computed in fp32.
+    """
+    if not _use_fast_paths:
+        return channel_read_after_write_reference(read, h, write, read_weight)
+    if not _needs_autograd(read, h, write, read_weight):
+        return channel_read_after_write_reference(read, h, write, read_weight)
+    d, d_v = read_weight.shape
+    flat = (read.reshape(-1, d), h.reshape(-1, d), write.reshape(-1, d_v))
+    return _ChannelReadAfterWrite.apply(*flat, read_weight).view(read.shape)
 
 
 # --------------------------------------------------------------------------- token convolutions
@@ -320,6 +403,22 @@ def token_conv_reference(x: torch.Tensor, weight: torch.Tensor, padding: int = 0
     groups = x.shape[-1] // weight.shape[1]
     x = F.pad(x, (0, 0, padding, 0))
     return F.conv1d(x.transpose(1, 2), weight, groups=groups).transpose(1, 2)
+
+
+# At most this many output tokens (batch x time), `token_conv` multiplies the windows directly: a
+# decoding step costs a few small products instead of a convolution call.
+_FEW_TOKENS = 16
+
+
+def _few_token_conv(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Valid grouped convolution over tokens as one product of the sliding windows: (B, T', C_in) -> (B, T, C_out)."""
+    kernel = weight.shape[-1]
+    windows = x.unfold(1, kernel, 1)  # (B, T, C_in, K)
+    batch, tokens = windows.shape[:2]
+    per_group_in, per_group_out = weight.shape[1], weight.shape[0] // groups
+    windows = windows.reshape(batch, tokens, groups, per_group_in, kernel)
+    out = torch.einsum("btgck,gock->btgo", windows, weight.view(groups, per_group_out, per_group_in, kernel))
+    return out.reshape(batch, tokens, groups * per_group_out)
 
 
 def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
@@ -343,6 +442,8 @@ def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch
     if not _use_fast_paths:
         return token_conv_reference(x, weight, padding)
     groups = x.shape[-1] // weight.shape[1]
+    if x.shape[0] * (x.shape[1] + padding - weight.shape[-1] + 1) <= _FEW_TOKENS:
+        return _few_token_conv(F.pad(x, (0, 0, padding, 0)) if padding else x, weight, groups)
     pad_input = padding > 0 and x.shape[-1] <= weight.shape[0]
     if pad_input:
         x = F.pad(x, (0, 0, padding, 0))
@@ -359,6 +460,8 @@ __all__ = [
     "delta_update",
     "channel_compress_reference",
     "channel_compress",
+    "channel_read_after_write_reference",
+    "channel_read_after_write",
     "token_conv_reference",
     "token_conv",
     "fast_paths_enabled",

@@ -48,7 +48,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_ddl import DDLConfig
-from .delta_ops import channel_compress, delta_update, fast_paths_enabled, token_conv
+from .delta_ops import channel_compress, channel_read_after_write, delta_update, fast_paths_enabled, token_conv
 from .delta_stats import DeltaStatsRecorder
 from .model_card import MODEL_CARD_NAME, is_generated_model_card, write_model_card
 
@@ -364,8 +364,7 @@ class StateCompressor(nn.Module):
         """
         if self.conv_weight is not None:
             raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
-        update = h.float() * F.linear(write.float(), self.read_weight.float())
-        return (read.float() + update).to(read.dtype)
+        return channel_read_after_write(read, h, write, self.read_weight)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
