@@ -17,16 +17,21 @@ result is cast back to the state's dtype, as in the authors' code.
 
 Fast paths (the defaults, each tested against its plain reference):
 
-- `delta_update`: one autograd function with an analytic backward. It saves the inputs it
-  needs (the state only when erasing, h, beta) plus two per-token vectors (1 / sqrt(|h|^2 +
-  eps^2) and the target `v^T - k^T X`), never (..., d, d_v) intermediates, and it forms the
-  rank-1 write as a batched outer product, which CPU kernels run at memory speed where a
-  broadcast over the small last dimension d_v does not.
-- `channel_compress`: the channel compressor `x_in[i] = sum_j W[i, j] X[i, j]` as one
-  grouped convolution forward and two fused passes backward.
+- `delta_update`: one autograd function with an analytic backward. It keeps one state (the
+  input, or the output with `save_output`, whichever the model keeps anyway), h, beta, v and
+  three per-token vectors, never a (..., d, d_v) intermediate. The rank-1 write is a batched
+  outer product (d_v > 1) or a row scaling (d_v = 1): CPU kernels run those at memory speed,
+  where a broadcast over the small last dimension d_v does not. `return_write` also gives the
+  write w of `X' = X + h w^T`.
+- `channel_compress`: the channel compressor `x_in[i] = sum_j W[i, j] X[i, j]` as one grouped
+  convolution; `channel_read_after_write` gives the compressor's read of `X + h w^T` from its
+  read of X without touching X.
 - `token_conv`: causal convolutions over tokens on the token-major (B, T, C) layout the model
-  keeps, run as a channels-last 2-D convolution, so neither the input nor the output is
-  transposed in memory.
+  keeps, run as a channels-last 2-D convolution (no transposed copies), or, for the few tokens
+  of a decoding step, as one product of the windows.
+
+Without autograd (inference) the same arithmetic runs without the autograd wrappers, so results
+do not depend on the grad mode.
 
 `reference_paths()` switches every call site in this package to the plain references; it is
 meant for tests and benchmarks (`ddl bench`), which compare the two.

@@ -201,12 +201,13 @@ class DeltaShortcut(nn.Module):
         beta = self.gate(context)
         v = self.value(source)
         matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
-        new_state, write = delta_update(
-            matrix, h, beta, v, self.k_eps, erase=self.erase, return_write=True, save_output=save_output
+        out = delta_update(
+            matrix, h, beta, v, self.k_eps, erase=self.erase, return_write=return_write, save_output=save_output
         )
+        new_state = (out[0] if return_write else out).flatten(-2)
         if self._recorder is not None:
-            self._recorder.record(self, state, h, beta, v, new_state.flatten(-2))
-        return (new_state.flatten(-2), write) if return_write else new_state.flatten(-2)
+            self._recorder.record(self, state, h, beta, v, new_state)
+        return (new_state, out[1]) if return_write else new_state
 
     def extra_repr(self) -> str:
         return (
