@@ -42,7 +42,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
+from .configuration_ddl import PRESET_SIZES, DDLConfig, check_preset_arguments
 from .delta_ops import reference_paths
 from .modeling_ddl import DDLForCausalLM
 
@@ -90,13 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    unknown = [name for name in args.variants if name not in PRESET_VARIANTS]
-    if unknown:
-        raise ValueError(f"--variants: unknown variant(s) {unknown}; allowed: {list(PRESET_VARIANTS)}")
-    if len(set(args.variants)) != len(args.variants):
-        raise ValueError(f"--variants lists a variant twice: {args.variants}")
-    if args.preset not in PRESET_SIZES:
-        raise ValueError(f"--preset {args.preset!r} is unknown; allowed presets: {list(PRESET_SIZES)}")
+    check_preset_arguments(args.preset, args.variants)
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype {args.dtype!r} is unknown; allowed: {list(DTYPES)}")
     for name in ("seq_len", "batch_size", "repeats", "decode_prompt_len", "decode_tokens"):

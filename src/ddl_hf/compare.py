@@ -39,7 +39,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
+from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig, check_preset_arguments
 
 DEFAULT_VARIANTS = ("baseline", "ddl-scalar", "ddl-cc", "write-only-cc")
 REFERENCE_VARIANT = "baseline"
@@ -154,13 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(args: argparse.Namespace, train_flags: list[str]) -> None:
-    unknown = [variant for variant in args.variants if variant not in PRESET_VARIANTS]
-    if unknown:
-        raise ValueError(f"--variants: unknown variant(s) {unknown}; allowed: {list(PRESET_VARIANTS)}")
-    if len(set(args.variants)) != len(args.variants):
-        raise ValueError(f"--variants lists a variant twice: {args.variants}")
-    if args.preset not in PRESET_SIZES:
-        raise ValueError(f"--preset {args.preset!r} is unknown; allowed presets: {list(PRESET_SIZES)}")
+    check_preset_arguments(args.preset, args.variants)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {args.seeds}")
     for name in ("max_steps", "max_tokens"):

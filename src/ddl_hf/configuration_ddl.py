@@ -113,6 +113,17 @@ def _check_float(field: str, value, low: float, high: float | None = None, low_o
         raise ValueError(f"DDLConfig.{field} must be a finite number in {bound}, got {value!r}")
 
 
+def check_preset_arguments(preset: str, variants: list[str] | tuple[str, ...] = ()) -> None:
+    """The command-line check of `--preset` and `--variants` shared by `ddl bench` and `ddl compare`."""
+    unknown = [name for name in variants if name not in PRESET_VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown variant(s) {unknown}; allowed: {list(PRESET_VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"--variants lists a variant twice: {list(variants)}")
+    if preset not in PRESET_SIZES:
+        raise ValueError(f"--preset {preset!r} is unknown; allowed presets: {list(PRESET_SIZES)}")
+
+
 class DDLConfig(PreTrainedConfig):
     r"""
     Configuration of a DDL decoder-only language model.
