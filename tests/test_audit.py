@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-from ddl_hf import DDLConfig, DDLForCausalLM
+from ddl_hf import DDLConfig, DDLForCausalLM, DeltaShortcut, record_delta_stats
 from ddl_hf.delta_stats import BETA_REGIMES, DeltaStatsRecorder
-from ddl_hf.modeling_ddl import DeltaShortcut, record_delta_stats
 
 # One beta per (layer, sublayer) of the tiny model, one in each regime.
 FIXED_BETAS = {(0, "attention"): 0.05, (0, "mlp"): 0.5, (1, "attention"): 1.0, (1, "mlp"): 1.5}

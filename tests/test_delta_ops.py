@@ -9,8 +9,8 @@ to the references, so whole models are compared too.
 import pytest
 import torch
 
-from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM, StateCompressor
-from ddl_hf.delta_ops import (
+from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM, DeltaShortcut, StateCompressor
+from ddl_hf.models.ddl.delta_ops import (
     channel_compress,
     channel_compress_reference,
     channel_read_after_write,
@@ -23,7 +23,6 @@ from ddl_hf.delta_ops import (
     token_conv_reference,
     unit_direction,
 )
-from ddl_hf.modeling_ddl import DeltaShortcut
 
 EPS = 1e-5
 FP32 = dict(rtol=1e-5, atol=1e-5)

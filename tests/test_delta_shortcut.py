@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddl_hf import DeltaShortcut, delta_update_reference, unit_direction
-from ddl_hf.delta_ops import delta_update
+from ddl_hf.models.ddl.delta_ops import delta_update
 
 EPS = 1e-5
 ATOL = 1e-5  # the rewrite runs in fp32

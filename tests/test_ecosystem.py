@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, pipeline
 
 from ddl_hf import DDLConfig, DDLForCausalLM, DDLModel
-from ddl_hf.model_card import DDL_FIELDS, GENERATED_MARKER, write_model_card
+from ddl_hf.models.ddl.model_card import DDL_FIELDS, GENERATED_MARKER, write_model_card
 
 ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]

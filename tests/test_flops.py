@@ -5,9 +5,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddl_hf import DDLConfig, DDLForCausalLM, DeltaShortcut, EmbedExpansion, StateCompressor
-from ddl_hf.delta_ops import reference_paths
 from ddl_hf.flops import forward_flops_breakdown, forward_flops_per_token, training_flops_per_token
-from ddl_hf.modeling_ddl import DDLMLP, DDLAttention
+from ddl_hf.models.ddl.delta_ops import reference_paths
+from ddl_hf.models.ddl.modeling_ddl import DDLMLP, DDLAttention
 
 SEQ_LEN = 8
 

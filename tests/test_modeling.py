@@ -270,7 +270,7 @@ def test_save_and_reload_is_bit_exact_with_remote_code_files(variant, tmp_path):
         "AutoModel": "modeling_ddl.DDLModel",
         "AutoModelForCausalLM": "modeling_ddl.DDLForCausalLM",
     }
-    for name in ("configuration_ddl.py", "modeling_ddl.py", "delta_ops.py"):
+    for name in ("configuration_ddl.py", "modeling_ddl.py", "delta_layers.py", "delta_ops.py", "model_card.py"):
         assert (tmp_path / name).is_file(), name
     for source in tmp_path.glob("*.py"):  # every sibling the copied code imports travels with it
         for module in relative_imports(source):

@@ -219,7 +219,7 @@ def test_accelerate_configs_use_real_launch_options_and_the_ddl_layer():
         kinds[str(config.distributed_type)] = config
     assert set(kinds) == {"DistributedType.MULTI_GPU", "DistributedType.FSDP", "DistributedType.DEEPSPEED"}
     fsdp = kinds["DistributedType.FSDP"].fsdp_config
-    from ddl_hf import modeling_ddl
+    from ddl_hf.models.ddl import modeling_ddl
 
     assert fsdp["fsdp_transformer_layer_cls_to_wrap"] in DDLForCausalLM._no_split_modules
     assert hasattr(modeling_ddl, fsdp["fsdp_transformer_layer_cls_to_wrap"])

@@ -7,16 +7,20 @@ writes the modeling files and an `auto_map` next to the weights.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
-from .delta_ops import delta_update_reference, unit_direction
-from .modeling_ddl import (
+from .delta_stats import DeltaStatsRecorder, record_delta_stats
+from .models.ddl import (
+    PRESET_SIZES,
+    PRESET_VARIANTS,
+    DDLConfig,
     DDLForCausalLM,
     DDLModel,
     DDLPreTrainedModel,
     DeltaShortcut,
     EmbedExpansion,
     StateCompressor,
-    record_delta_stats,
+    delta_update_reference,
+    reference_paths,
+    unit_direction,
 )
 
 __version__ = "0.1.0"
@@ -36,10 +40,12 @@ __all__ = [
     "DeltaShortcut",
     "StateCompressor",
     "record_delta_stats",
+    "DeltaStatsRecorder",
     "EmbedExpansion",
     "PRESET_SIZES",
     "PRESET_VARIANTS",
     "delta_update_reference",
     "unit_direction",
+    "reference_paths",
     "__version__",
 ]

@@ -1,7 +1,7 @@
 """`ddl audit MODEL_DIR`: how a trained DDL model uses its gates, measured on held-out text.
 
 Runs the saved model over validation blocks inside `record_delta_stats` (the public recording
-API of `modeling_ddl`) and reports, for every layer and sublayer (attention, MLP): the beta
+API of `delta_stats`) and reports, for every layer and sublayer (attention, MLP): the beta
 distribution (mean, std, quantiles, the fraction of tokens in the regimes skip beta < 0.1,
 partial 0.1-0.9, match 0.9-1.1, over-relaxed > 1.1), the mean discrepancy of the readout
 before and after the update (|e| = |k^T X - v^T|, |e'| = |k^T X' - v^T|) and their ratio,
@@ -36,8 +36,7 @@ from .data import (
     pack_into_blocks,
     tokenize_documents,
 )
-from .delta_stats import BETA_REGIMES
-from .modeling_ddl import record_delta_stats
+from .delta_stats import BETA_REGIMES, record_delta_stats
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,9 +42,9 @@ from contextlib import nullcontext
 
 import torch
 
-from .configuration_ddl import PRESET_SIZES, DDLConfig, check_preset_arguments
-from .delta_ops import reference_paths
-from .modeling_ddl import DDLForCausalLM
+from .models.ddl.configuration_ddl import PRESET_SIZES, DDLConfig, check_preset_arguments
+from .models.ddl.delta_ops import reference_paths
+from .models.ddl.modeling_ddl import DDLForCausalLM
 
 DEFAULT_VARIANTS = ["baseline", "ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -39,7 +39,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig, check_preset_arguments
+from .models.ddl.configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig, check_preset_arguments
 
 DEFAULT_VARIANTS = ("baseline", "ddl-scalar", "ddl-cc", "write-only-cc")
 REFERENCE_VARIANT = "baseline"

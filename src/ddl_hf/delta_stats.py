@@ -15,18 +15,23 @@ recorded beta with a fraction >= q of the tokens at or below it), read from a hi
 over [0, 2] with `histogram_bins` bins, so it is exact to 2 / histogram_bins (1e-3 by default);
 everything else is exact. Accumulators stay on the model's device, so recording adds no host syncs.
 
-Attach it with `record_delta_stats(model)` (in `modeling_ddl`), which also excludes padded
+Attach it with `record_delta_stats(model)` (below), which also excludes padded
 tokens: it reads the 2-D `attention_mask` (1 = token, 0 = padding) of each model call. Under
 activation checkpointing the recomputed forward is recorded again; record in eval mode.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
-from .delta_ops import unit_direction
+from .models.ddl.delta_layers import DeltaShortcut
+from .models.ddl.delta_ops import unit_direction
 
 # Regime name -> (low, high): low <= beta < high, except "match" which includes 1.1.
 BETA_REGIMES = {
@@ -209,4 +214,56 @@ class DeltaStatsRecorder:
         return [accumulator.summary(self.quantiles) for accumulator in self._accumulators.values()]
 
 
-__all__ = ["BETA_REGIMES", "DEFAULT_QUANTILES", "DeltaStatsRecorder"]
+@contextmanager
+def record_delta_stats(model: nn.Module, recorder: DeltaStatsRecorder | None = None) -> Iterator[DeltaStatsRecorder]:
+    """Record gate and discrepancy statistics of every `DeltaShortcut` in `model`.
+
+    Inside the block each shortcut reports its calls to one `DeltaStatsRecorder` (see
+    `delta_stats`); `recorder.summary()` lists per shortcut, by `layer_idx` and `sublayer`, the
+    beta distribution and regimes, the mean discrepancy before and after the update and the mean
+    value norm. Padded tokens are excluded: the 2-D `attention_mask` of each call of `model`
+    becomes the recorder's `token_mask`. Leaving the block detaches everything, so forward passes
+    pay nothing when not recording; the recorder keeps its statistics.
+
+    Example::
+
+        with record_delta_stats(model) as stats:
+            for batch in batches:
+                model(**batch)
+        for entry in stats.summary():
+            print(entry["layer"], entry["sublayer"], entry["beta"]["regimes"])
+    """
+    shortcuts = [(name, module) for name, module in model.named_modules() if isinstance(module, DeltaShortcut)]
+    if not shortcuts:
+        raise ValueError(
+            "record_delta_stats: the model has no DeltaShortcut to record (an additive baseline, "
+            "residual_mode='additive', has no gates)"
+        )
+    busy = [name for name, shortcut in shortcuts if shortcut._recorder is not None]
+    if busy:
+        raise ValueError(f"record_delta_stats: already recording {busy[0]}; nested recording is not supported")
+    recorder = DeltaStatsRecorder() if recorder is None else recorder
+    for name, shortcut in shortcuts:
+        recorder.register(shortcut, name)
+    forward_signature = inspect.signature(model.forward)
+
+    def take_attention_mask(module, args, kwargs):
+        try:
+            mask = forward_signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+        except TypeError:
+            mask = kwargs.get("attention_mask")
+        recorder.token_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    handle = model.register_forward_pre_hook(take_attention_mask, with_kwargs=True)
+    for _, shortcut in shortcuts:
+        shortcut._recorder = recorder
+    try:
+        yield recorder
+    finally:
+        handle.remove()
+        recorder.token_mask = None
+        for _, shortcut in shortcuts:
+            shortcut._recorder = None
+
+
+__all__ = ["BETA_REGIMES", "DEFAULT_QUANTILES", "DeltaStatsRecorder", "record_delta_stats"]

@@ -29,7 +29,7 @@ report can check each term; `training_flops_per_token` is 3 x their sum.
 
 from __future__ import annotations
 
-from .configuration_ddl import DDLConfig
+from .models.ddl.configuration_ddl import DDLConfig
 
 BACKWARD_TO_FORWARD_RATIO = 2.0
 

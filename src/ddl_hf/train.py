@@ -54,9 +54,10 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging as transformers_logging
 
-from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
 from .data import DataArguments, build_lm_datasets, collate_blocks
-from .modeling_ddl import DDLForCausalLM, DeltaShortcut, EmbedExpansion, StateCompressor
+from .models.ddl.configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
+from .models.ddl.delta_layers import DeltaShortcut, EmbedExpansion, StateCompressor
+from .models.ddl.modeling_ddl import DDLForCausalLM
 from .tokenization import DEFAULT_VOCAB_SIZE, default_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -754,7 +755,7 @@ def run_training(
     if training_args.should_save:
         _write_json(output_dir / METRICS_FILE, metrics)
         plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE, title=f"{config.variant_name}")
-        from .model_card import write_model_card
+        from .models.ddl.model_card import write_model_card
 
         write_model_card(output_dir, trainer.model, metrics)
     trainer.accelerator.wait_for_everyone()

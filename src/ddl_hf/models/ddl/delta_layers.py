@@ -1,0 +1,317 @@
+"""The Delta layers of a DDL model: the rewrite of the residual state, and the modules around it.
+
+- `DeltaShortcut`: replaces `x + h` by the gated rank-1 rewrite `X + beta k (v^T - k^T X)`.
+- `StateCompressor`: reads the width-d block input from the (d, d_v) state (CC or TC).
+- `EmbedExpansion`: turns token embeddings into the first (d, d_v) state (EC or repetition).
+- `causal_depthwise_conv`: the short causal convolution over tokens that EC and TC use, with its
+  last inputs kept in the generation cache.
+
+Each module calls one op of `delta_ops` per concept (write, read, compress); the ops choose
+between their fused fast path and their plain reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+
+from .delta_ops import channel_compress, channel_read_after_write, delta_update, fast_paths_enabled, token_conv
+
+
+# --------------------------------------------------------------------------- Delta shortcut
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def _linear_fp32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` in fp32. (..., in) -> (..., out).
+
+    A plain `nn.Linear` runs with fp32 copies of its weights. A layer wrapped by an adapter library
+    (peft LoRA replaces the `nn.Linear` by a module that holds it) is called as a module, in its own
+    dtype, so that the adapter takes part instead of being silently bypassed.
+    """
+    if type(linear) is nn.Linear:
+        bias = None if linear.bias is None else linear.bias.float()
+        return F.linear(x.float(), linear.weight.float(), bias)
+    return linear(x.to(linear.weight.dtype)).float()
+
+
+class DeltaShortcut(nn.Module):
+    """The Delta rewrite of a residual state, usable in any PyTorch network.
+
+    Replaces `x + h` by `X + beta k (v^T - k^T X)` (`mode="delta"`) or by `X + beta k v^T`
+    (`mode="write_only"`), with k the unit direction of `h`, `beta = 2 sigmoid(gate(context))`
+    in (0, 2) and `v` a learned readout of `d_v = value_channels` values.
+
+    Shapes: `state` is (..., d * d_v), feature major (`X[..., i, j]` at `i * d_v + j`;
+    plain (..., d) when d_v = 1); `h` and `context` are (..., d); `block_input` (the
+    un-normalized width-d input of the sublayer) is (..., d) and is what the value reads when
+    `value_input="state"` (when d_v = 1 it defaults to `state`).
+
+    `layer_idx` and `sublayer` (`"attention"` or `"mlp"` inside `DDLDecoderLayer`) name the
+    shortcut in reports such as `record_delta_stats`.
+
+    Example::
+
+        shortcut = DeltaShortcut(hidden_size=64)
+        x = shortcut(x, h=mlp(norm(x)), context=norm(x))   # instead of x = x + mlp(norm(x))
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        value_channels: int = 1,
+        mode: str = "delta",
+        beta_init: float = 1.0,
+        gate_hidden_size: int = 0,
+        k_eps: float = 1e-5,
+        value_input: str = "state",
+        value_activation: str = "sigmoid",
+        value_scale: float = 4.0,
+        layer_idx: int | None = None,
+        sublayer: str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("delta", "write_only"):
+            raise ValueError(f"DeltaShortcut mode must be one of ['delta', 'write_only'], got {mode!r}")
+        self.hidden_size = hidden_size
+        self.value_channels = value_channels
+        self.erase = mode == "delta"
+        self.beta_init = beta_init
+        self.k_eps = k_eps
+        self.value_input = value_input
+        self.value_activation = value_activation
+        self.value_scale = value_scale
+        self.layer_idx = layer_idx
+        self.sublayer = sublayer
+        # An observer with `record(shortcut, state, h, beta, v, new_state)`, set only while
+        # `ddl_hf.record_delta_stats` runs; None keeps forward free of any recording work.
+        self._recorder = None
+        if gate_hidden_size > 0:
+            self.beta_hidden = nn.Linear(hidden_size, gate_hidden_size)
+            self.beta_proj = nn.Linear(gate_hidden_size, 1)
+        else:
+            self.beta_hidden = None
+            self.beta_proj = nn.Linear(hidden_size, 1)
+        self.value_proj = nn.Linear(hidden_size, value_channels)
+        self.reset_parameters()
+
+    @property
+    def mode(self) -> str:
+        return "delta" if self.erase else "write_only"
+
+    @torch.no_grad()
+    def reset_parameters(self, weight_std: float | None = None) -> None:
+        """Authors' init: weights N(0, weight_std) (default 0.5 / sqrt(d)), value bias 0,
+        gate bias logit(beta_init / 2) so that beta = beta_init at a zero context."""
+        std = 0.5 / math.sqrt(self.hidden_size) if weight_std is None else weight_std
+        for linear in (self.beta_hidden, self.beta_proj, self.value_proj):
+            if linear is not None:
+                init.normal_(linear.weight, mean=0.0, std=std)
+                init.zeros_(linear.bias)
+        half_beta = min(max(self.beta_init / 2.0, 1e-4), 1.0 - 1e-4)
+        init.constant_(self.beta_proj.bias, _logit(half_beta))
+
+    def gate(self, context: torch.Tensor) -> torch.Tensor:
+        """beta = 2 sigmoid(gate(context)), computed in fp32. (..., d) -> (..., 1)."""
+        x = context.float()
+        if self.beta_hidden is not None:
+            x = torch.tanh(_linear_fp32(self.beta_hidden, x))
+        return 2.0 * torch.sigmoid(_linear_fp32(self.beta_proj, x))
+
+    def value(self, source: torch.Tensor) -> torch.Tensor:
+        """The value v read from `source`. (..., d) -> (..., d_v), fp32."""
+        v = _linear_fp32(self.value_proj, source)
+        if self.value_activation == "sigmoid":
+            v = self.value_scale * torch.sigmoid(v)
+        return v
+
+    def forward(
+        self,
+        state: torch.Tensor,
+        h: torch.Tensor,
+        context: torch.Tensor,
+        block_input: torch.Tensor | None = None,
+        return_write: bool = False,
+        save_output: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The new state (..., d * d_v); with `return_write=True` also the write w (..., d_v) in fp32
+        such that the new state is X + h w^T. `save_output=True` keeps the new state instead of the
+        old one for backward (see `delta_ops.delta_update`: keep the one other layers keep anyway)."""
+        if self.value_input == "context":
+            source = context
+        elif block_input is not None:
+            source = block_input
+        elif self.value_channels == 1:
+            source = state
+        else:
+            raise ValueError("DeltaShortcut with value_channels > 1 and value_input='state' needs `block_input`")
+        beta = self.gate(context)
+        v = self.value(source)
+        matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
+        out = delta_update(
+            matrix, h, beta, v, self.k_eps, erase=self.erase, return_write=return_write, save_output=save_output
+        )
+        new_state = (out[0] if return_write else out).flatten(-2)
+        if self._recorder is not None:
+            self._recorder.record(self, state, h, beta, v, new_state)
+        return (new_state, out[1]) if return_write else new_state
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, mode={self.mode}, "
+            f"k_eps={self.k_eps}, value_input={self.value_input}, value_activation={self.value_activation}"
+        )
+
+
+# --------------------------------------------------------------------------- short convolutions
+def causal_depthwise_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    cache: Cache | None = None,
+    layer_idx: int = 0,
+    state_idx: int = 0,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal grouped convolution over tokens, with its last inputs kept in a hybrid cache.
+
+    Args:
+        x: (B, T, C_in) inputs.
+        weight: (C_out, C_in // groups, K) with groups = C_in // weight.shape[1], as in `F.conv1d`.
+            (C_out, 1, K) is one filter per output channel: output channel `i * (C_out // C_in) + j`
+            reads input channel i. The token compressor passes (d, d_v, K): output i sums the
+            filtered channels `i * d_v + j`.
+        cache: a hybrid `DynamicCache` (or None): prefill stores the last K-1 inputs, decoding
+            reads them back.
+        padding_mask: (B, T) bool, False at padded positions, which are zeroed first so that a
+            left-padded row sees exactly what an unpadded row sees.
+
+    Returns:
+        (B, T, C_out).
+    """
+    if padding_mask is not None:
+        x = x.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+    num_tokens, context = x.shape[1], weight.shape[-1] - 1
+    if context > 0:
+        decoding = False
+        if cache is not None:
+            layer = cache.layers[layer_idx]
+            if not isinstance(layer, LinearAttentionCacheLayerMixin):
+                raise ValueError(
+                    "This DDL model keeps convolution states in its cache; pass a cache built with "
+                    "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
+                )
+            decoding = layer.has_previous_state[state_idx]
+            # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns
+            # them followed by x.
+            full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=state_idx, conv_kernel_size=context)
+        if decoding:
+            return token_conv(full[..., -(num_tokens + context) :].transpose(1, 2), weight)
+    return token_conv(x, weight, padding=context)
+
+
+class StateCompressor(nn.Module):
+    """Reads the width-d block input from the expanded state.
+
+    `x_in[i] = sum_j W[i, j] X[i, j]` (channel compressor, CC); the token compressor (TC)
+    first runs a depthwise causal convolution over tokens on all d * d_v channels.
+    (B, T, d * d_v) -> (B, T, d). At init W = 1 / d_v and the token filter is the identity.
+    """
+
+    def __init__(self, hidden_size: int, value_channels: int, kind: str = "channel", conv_size: int = 4) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.value_channels = value_channels
+        self.kind = kind
+        self.read_weight = nn.Parameter(torch.empty(hidden_size, value_channels))
+        if kind == "token":
+            self.conv_weight = nn.Parameter(torch.empty(hidden_size * value_channels, 1, conv_size))
+        else:
+            self.register_parameter("conv_weight", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        init.constant_(self.read_weight, 1.0 / self.value_channels)
+        if self.conv_weight is not None:
+            _identity_causal_filter(self.conv_weight)
+
+    def forward(
+        self,
+        state: torch.Tensor,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
+        state_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.conv_weight is not None and fast_paths_enabled():
+            # The read over d_v folded into the token filters (a (d, d_v, K) product): one grouped
+            # convolution reads the (B, T, d * d_v) state once and writes only (B, T, d).
+            folded = self.conv_weight.view(self.hidden_size, self.value_channels, -1) * self.read_weight.unsqueeze(-1)
+            return causal_depthwise_conv(state, folded, cache, layer_idx, state_idx, padding_mask)
+        if self.conv_weight is not None:
+            state = causal_depthwise_conv(state, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
+        return channel_compress(state.unflatten(-1, (self.hidden_size, self.value_channels)), self.read_weight)
+
+    def read_after_write(self, read: torch.Tensor, h: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+        """The channel compressor's read of `state + h write^T` from its read of `state`, without the state.
+
+        `sum_j W[i, j] (X[i, j] + h[i] w[j]) = read[i] + h[i] (W w)[i]`: `read` (..., d), `h` (..., d),
+        `write` (..., d_v) -> (..., d), in `read.dtype`. Only the channel compressor is linear per token.
+        """
+        if self.conv_weight is not None:
+            raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
+        return channel_read_after_write(read, h, write, self.read_weight)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
+
+
+class EmbedExpansion(nn.Module):
+    """Turns token embeddings into the first residual state. (B, T, d) -> (B, T, d * d_v).
+
+    `"conv"` (EC): a depthwise causal convolution over tokens mapping feature i to its d_v
+    channels, identity at init (so it starts as repetition); `"repeat"`: copy each feature.
+    """
+
+    def __init__(self, hidden_size: int, value_channels: int, kind: str = "conv", conv_size: int = 4) -> None:
+        super().__init__()
+        self.value_channels = value_channels
+        self.kind = kind
+        if kind == "conv":
+            self.conv_weight = nn.Parameter(torch.empty(hidden_size * value_channels, 1, conv_size))
+        else:
+            self.register_parameter("conv_weight", None)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.conv_weight is not None:
+            _identity_causal_filter(self.conv_weight)
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
+        state_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.conv_weight is None:
+            return embeddings.repeat_interleave(self.value_channels, dim=-1)
+        return causal_depthwise_conv(embeddings, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
+
+
+def _identity_causal_filter(weight: torch.Tensor) -> None:
+    """Filters (C, 1, K) that pass the current token through: last tap 1, others 0."""
+    identity = torch.zeros_like(weight)
+    identity[..., -1] = 1.0
+    init.copy_(weight, identity)
+
+
+__all__ = ["DeltaShortcut", "StateCompressor", "EmbedExpansion", "causal_depthwise_conv"]
