@@ -14,6 +14,7 @@ Run it only when the checkpoint format changes on purpose (and say so in the cha
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import tempfile
@@ -60,7 +61,8 @@ def build_fixture_model() -> DDLForCausalLM:
 
 
 def expected_outputs(model: DDLForCausalLM) -> dict:
-    """Logits of `INPUT_IDS` (full forward) and the greedy, cached continuation of `GENERATION_PROMPT`."""
+    """Logits of `INPUT_IDS` (full forward, float32 and float64) and the greedy, cached continuation of
+    `GENERATION_PROMPT`."""
     with torch.no_grad():
         logits = model(input_ids=torch.tensor(INPUT_IDS)).logits
         generated = model.generate(
@@ -69,9 +71,13 @@ def expected_outputs(model: DDLForCausalLM) -> dict:
             min_new_tokens=GENERATED_TOKENS,
             do_sample=False,
         )
+    # float64 logits are the same on every machine up to ~1e-15; float32 ones vary by ~1e-6 with the CPU's kernels.
+    with torch.no_grad():
+        logits_float64 = copy.deepcopy(model).double()(input_ids=torch.tensor(INPUT_IDS)).logits
     return {
         "input_ids": INPUT_IDS,
         "logits": logits.tolist(),
+        "logits_float64": logits_float64.tolist(),
         "generation_prompt": GENERATION_PROMPT,
         "generated_ids": generated.tolist(),
         "torch_version": torch.__version__,

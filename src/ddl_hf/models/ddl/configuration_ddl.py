@@ -8,6 +8,7 @@ configurations of the paper (arXiv 2601.00417) and of this package.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 
@@ -20,10 +21,28 @@ EMBED_EXPANSIONS = ("conv", "repeat")
 VALUE_INPUTS = ("state", "context")
 VALUE_ACTIVATIONS = ("sigmoid", "identity")
 
-# Indices of the short-convolution states kept per layer in the hybrid cache (see
-# `DDLConfig.conv_state_index`). Each layer owns the first two; the embedding
-# expansion lives on layer 0 and the readout compressor on the last layer.
-CONV_STATE_SLOTS = ("attention_compressor", "mlp_compressor", "embed_expansion", "readout_compressor")
+
+class ConvStateSlot(enum.IntEnum):
+    """Where each short convolution keeps its last K - 1 inputs in a hybrid cache.
+
+    A hybrid cache layer holds `DDLConfig.number_of_conv_states` conv states, indexed by slot
+    (transformers' `state_idx` of `Cache.update_conv_state`):
+
+    | slot              | convolution                                  | cache layer                |
+    |-------------------|----------------------------------------------|----------------------------|
+    | `ATTENTION_INPUT` | token compressor reading the attention input | the block's own layer      |
+    | `MLP_INPUT`       | token compressor reading the MLP input       | the block's own layer      |
+    | `EMBED_EXPANSION` | embedding convolution (EC)                   | layer 0                    |
+    | `READOUT`         | token compressor before the final norm       | the last layer             |
+
+    A slot that no convolution of the model uses stays empty.
+    """
+
+    ATTENTION_INPUT = 0
+    MLP_INPUT = 1
+    EMBED_EXPANSION = 2
+    READOUT = 3
+
 
 PRESET_SIZES = {
     # Unit tests: a few thousand parameters, every code path.
@@ -113,17 +132,6 @@ def _check_float(field: str, value, low: float, high: float | None = None, low_o
         raise ValueError(f"DDLConfig.{field} must be a finite number in {bound}, got {value!r}")
 
 
-def check_preset_arguments(preset: str, variants: list[str] | tuple[str, ...] = ()) -> None:
-    """The command-line check of `--preset` and `--variants` shared by `ddl bench` and `ddl compare`."""
-    unknown = [name for name in variants if name not in PRESET_VARIANTS]
-    if unknown:
-        raise ValueError(f"--variants: unknown variant(s) {unknown}; allowed: {list(PRESET_VARIANTS)}")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"--variants lists a variant twice: {list(variants)}")
-    if preset not in PRESET_SIZES:
-        raise ValueError(f"--preset {preset!r} is unknown; allowed presets: {list(PRESET_SIZES)}")
-
-
 class DDLConfig(PreTrainedConfig):
     r"""
     Configuration of a DDL decoder-only language model.
@@ -160,6 +168,8 @@ class DDLConfig(PreTrainedConfig):
       `"context"` (paper text: v reads the normalized context c).
     - `value_activation`: `"sigmoid"` (`v = value_scale * sigmoid(W_v s + b_v)`) or
       `"identity"` (`v = W_v s + b_v`).
+    - `use_fast_path`: run the fused ops of `delta_ops` (default) or their plain references
+      (same results up to float rounding; slower, more memory).
 
     `layer_types` is derived: `"hybrid"` layers (attention cache plus short-convolution
     states) when the model has token convolutions, `"full_attention"` otherwise.
@@ -202,10 +212,10 @@ class DDLConfig(PreTrainedConfig):
     value_activation: str = "sigmoid"
     value_scale: float = 4.0
     layer_types: list[str] | None = None
+    use_fast_path: bool = True
 
     def __post_init__(self, **kwargs):
-        self._validate_residual_fields()
-        self._validate_backbone_fields()
+        self.validate_architecture()
         if self.intermediate_size is None:
             self.intermediate_size = (8 * self.hidden_size) // 3
         if self.head_dim is None:
@@ -220,18 +230,16 @@ class DDLConfig(PreTrainedConfig):
             )
         self.layer_types = expected_layer_types
         super().__post_init__(**kwargs)
-        self._validate_rope_fields()
-
-    def _validate_rope_fields(self) -> None:
         # transformers only logs unknown RoPE settings; a bad one would fail later inside the model.
         rope = self.rope_parameters
         if not isinstance(rope, dict):
             raise ValueError(f"DDLConfig.rope_parameters must be a dict, got {rope!r}")
-        allowed = ["default", *ROPE_INIT_FUNCTIONS]
-        _check_choice("rope_parameters['rope_type']", rope.get("rope_type"), tuple(allowed))
+        _check_choice("rope_parameters['rope_type']", rope.get("rope_type"), ("default", *ROPE_INIT_FUNCTIONS))
         _check_float("rope_parameters['rope_theta']", rope.get("rope_theta"), 0.0, low_open=True)
 
-    def _validate_residual_fields(self) -> None:
+    def validate_architecture(self) -> None:
+        """Check every field the user sets (before the derived ones are filled in); a `ValueError` names
+        the field and what is allowed."""
         _check_choice("residual_mode", self.residual_mode, RESIDUAL_MODES)
         _check_int("value_channels", self.value_channels, 1)
         _check_choice("state_compressor", self.state_compressor, STATE_COMPRESSORS)
@@ -249,8 +257,6 @@ class DDLConfig(PreTrainedConfig):
                 f"DDLConfig.value_channels must be 1 when residual_mode='additive' (the additive baseline has a "
                 f"vector residual stream), got {self.value_channels}"
             )
-
-    def _validate_backbone_fields(self) -> None:
         for field in (
             "vocab_size",
             "hidden_size",
@@ -283,7 +289,7 @@ class DDLConfig(PreTrainedConfig):
         _check_float("rms_norm_eps", self.rms_norm_eps, 0.0, low_open=True)
         _check_float("initializer_range", self.initializer_range, 0.0)
         _check_float("attention_dropout", self.attention_dropout, 0.0, 1.0)
-        for field in ("use_qk_norm", "attention_bias", "tie_word_embeddings", "use_cache"):
+        for field in ("use_qk_norm", "attention_bias", "tie_word_embeddings", "use_cache", "use_fast_path"):
             _check_bool(field, getattr(self, field))
         for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
             _check_token_id(field, getattr(self, field), self.vocab_size)
@@ -314,13 +320,8 @@ class DDLConfig(PreTrainedConfig):
 
     @property
     def number_of_conv_states(self) -> int:
-        """Convolution-state slots per hybrid cache layer, read by `DynamicCache(config=...)`."""
-        return len(CONV_STATE_SLOTS)
-
-    @staticmethod
-    def conv_state_index(slot: str) -> int:
-        """Index of a named convolution state inside a layer's hybrid cache (`CONV_STATE_SLOTS`)."""
-        return CONV_STATE_SLOTS.index(slot)
+        """Convolution states per hybrid cache layer (`ConvStateSlot`), read by `DynamicCache(config=...)`."""
+        return len(ConvStateSlot)
 
     @property
     def variant_name(self) -> str:
@@ -382,4 +383,4 @@ class DDLConfig(PreTrainedConfig):
             raise ValueError(f"{path}: {error}") from error
 
 
-__all__ = ["DDLConfig", "PRESET_SIZES", "PRESET_VARIANTS"]
+__all__ = ["DDLConfig", "ConvStateSlot", "PRESET_SIZES", "PRESET_VARIANTS"]

@@ -3,11 +3,12 @@
 - `DeltaShortcut`: replaces `x + h` by the gated rank-1 rewrite `X + beta k (v^T - k^T X)`.
 - `StateCompressor`: reads the width-d block input from the (d, d_v) state (CC or TC).
 - `EmbedExpansion`: turns token embeddings into the first (d, d_v) state (EC or repetition).
-- `causal_depthwise_conv`: the short causal convolution over tokens that EC and TC use, with its
+- `causal_depthwise_conv`: the short causal convolution over tokens that EC and TC run, with its
   last inputs kept in the generation cache.
 
-Each module calls one op of `delta_ops` per concept (write, read, compress); the ops choose
-between their fused fast path and their plain reference.
+Each module makes one call into `delta_ops` per concept (write, read, compress); the op picks its
+fused fast path or its plain reference from the module's `use_fast_path` flag
+(`DDLConfig.use_fast_path`), and `delta_ops.reference_paths()` forces the references in tests.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
-from .delta_ops import channel_compress, channel_read_after_write, delta_update, fast_paths_enabled, token_conv
+from .delta_ops import channel_compress, channel_read_after_write, delta_update, token_compress, token_conv, upcast
 
 
 # --------------------------------------------------------------------------- Delta shortcut
@@ -29,16 +30,16 @@ def _logit(p: float) -> float:
 
 
 def _linear_fp32(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`linear(x)` in fp32. (..., in) -> (..., out).
+    """`linear(x)` in fp32 (float64 for a float64 model). (..., in) -> (..., out).
 
     A plain `nn.Linear` runs with fp32 copies of its weights. A layer wrapped by an adapter library
     (peft LoRA replaces the `nn.Linear` by a module that holds it) is called as a module, in its own
     dtype, so that the adapter takes part instead of being silently bypassed.
     """
     if type(linear) is nn.Linear:
-        bias = None if linear.bias is None else linear.bias.float()
-        return F.linear(x.float(), linear.weight.float(), bias)
-    return linear(x.to(linear.weight.dtype)).float()
+        bias = None if linear.bias is None else upcast(linear.bias)
+        return F.linear(upcast(x), upcast(linear.weight), bias)
+    return upcast(linear(x.to(linear.weight.dtype)))
 
 
 class DeltaShortcut(nn.Module):
@@ -54,7 +55,10 @@ class DeltaShortcut(nn.Module):
     `value_input="state"` (when d_v = 1 it defaults to `state`).
 
     `layer_idx` and `sublayer` (`"attention"` or `"mlp"` inside `DDLDecoderLayer`) name the
-    shortcut in reports such as `record_delta_stats`.
+    shortcut in reports such as `record_delta_stats`. The fast path keeps one state-sized tensor
+    for backward: the input state, or the new state with `keep_output_for_backward=True`; pick the
+    one a neighbouring layer keeps anyway, so the rewrite adds no state-sized memory.
+    `use_fast_path=False` runs the plain reference of `delta_ops`.
 
     Example::
 
@@ -75,6 +79,8 @@ class DeltaShortcut(nn.Module):
         value_scale: float = 4.0,
         layer_idx: int | None = None,
         sublayer: str | None = None,
+        keep_output_for_backward: bool = False,
+        use_fast_path: bool = True,
     ) -> None:
         super().__init__()
         if mode not in ("delta", "write_only"):
@@ -89,6 +95,8 @@ class DeltaShortcut(nn.Module):
         self.value_scale = value_scale
         self.layer_idx = layer_idx
         self.sublayer = sublayer
+        self.keep_output_for_backward = keep_output_for_backward
+        self.use_fast_path = use_fast_path
         # An observer with `record(shortcut, state, h, beta, v, new_state)`, set only while
         # `ddl_hf.record_delta_stats` runs; None keeps forward free of any recording work.
         self._recorder = None
@@ -119,7 +127,7 @@ class DeltaShortcut(nn.Module):
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:
         """beta = 2 sigmoid(gate(context)), computed in fp32. (..., d) -> (..., 1)."""
-        x = context.float()
+        x = upcast(context)
         if self.beta_hidden is not None:
             x = torch.tanh(_linear_fp32(self.beta_hidden, x))
         return 2.0 * torch.sigmoid(_linear_fp32(self.beta_proj, x))
@@ -138,11 +146,9 @@ class DeltaShortcut(nn.Module):
         context: torch.Tensor,
         block_input: torch.Tensor | None = None,
         return_write: bool = False,
-        save_output: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The new state (..., d * d_v); with `return_write=True` also the write w (..., d_v) in fp32
-        such that the new state is X + h w^T. `save_output=True` keeps the new state instead of the
-        old one for backward (see `delta_ops.delta_update`: keep the one other layers keep anyway)."""
+        such that the new state is X + h w^T."""
         if self.value_input == "context":
             source = context
         elif block_input is not None:
@@ -154,13 +160,44 @@ class DeltaShortcut(nn.Module):
         beta = self.gate(context)
         v = self.value(source)
         matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
-        out = delta_update(
-            matrix, h, beta, v, self.k_eps, erase=self.erase, return_write=return_write, save_output=save_output
+        new_matrix, write = delta_update(
+            matrix,
+            h,
+            beta,
+            v,
+            self.k_eps,
+            erase=self.erase,
+            return_write=True,
+            save_output=self.keep_output_for_backward,
+            use_fast_path=self.use_fast_path,
         )
-        new_state = (out[0] if return_write else out).flatten(-2)
+        new_state = new_matrix.flatten(-2)
         if self._recorder is not None:
             self._recorder.record(self, state, h, beta, v, new_state)
-        return (new_state, out[1]) if return_write else new_state
+        return (new_state, write) if return_write else new_state
+
+    def write_and_read(
+        self,
+        state: torch.Tensor,
+        h: torch.Tensor,
+        context: torch.Tensor,
+        block_input: torch.Tensor,
+        compressor: StateCompressor,
+        cache: Cache | None = None,
+        slot: int = 0,
+        padding_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new state and `compressor`'s read of it, for the next sublayer. (..., d * d_v), (..., d).
+
+        `block_input` is `compressor`'s read of `state`. A channel compressor is linear per token, so
+        its read of the new state X + h w^T is `block_input + h (W w)`: one pass over the (d, d_v)
+        state fewer, and the new state need not be kept for backward.
+        """
+        if compressor.kind != "channel":
+            new_state = self(state, h, context, block_input)
+            return new_state, compressor(new_state, cache, slot, padding_mask)
+        new_state, write = self(state, h, context, block_input, return_write=True)
+        return new_state, compressor.read_after_write(block_input, h, write)
 
     def extra_repr(self) -> str:
         return (
@@ -175,62 +212,88 @@ def causal_depthwise_conv(
     weight: torch.Tensor,
     cache: Cache | None = None,
     layer_idx: int = 0,
-    state_idx: int = 0,
+    slot: int = 0,
     padding_mask: torch.Tensor | None = None,
+    use_fast_path: bool = True,
+    read_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal grouped convolution over tokens, with its last inputs kept in a hybrid cache.
+    """Causal depthwise convolution over tokens, with its last inputs kept in a hybrid cache.
 
     Args:
-        x: (B, T, C_in) inputs.
-        weight: (C_out, C_in // groups, K) with groups = C_in // weight.shape[1], as in `F.conv1d`.
-            (C_out, 1, K) is one filter per output channel: output channel `i * (C_out // C_in) + j`
-            reads input channel i. The token compressor passes (d, d_v, K): output i sums the
-            filtered channels `i * d_v + j`.
-        cache: a hybrid `DynamicCache` (or None): prefill stores the last K-1 inputs, decoding
-            reads them back.
+        x: (B, T, C) inputs.
+        weight: (C_out, 1, K), one filter per output channel: output channel `i * (C_out // C) + j`
+            reads input channel i (`F.conv1d` with groups = C).
+        cache: a hybrid `DynamicCache` (or None): prefill stores the last K-1 inputs in
+            `cache.layers[layer_idx]` at conv-state `slot` (see `ConvStateSlot`), decoding reads them back.
         padding_mask: (B, T) bool, False at padded positions, which are zeroed first so that a
             left-padded row sees exactly what an unpadded row sees.
+        read_weight: (C_out // d_v, d_v) or None. Given, the filtered channels are read by a channel
+            compressor (`x_in[i] = sum_j W[i, j] y[i * d_v + j]`): the token compressor.
 
     Returns:
-        (B, T, C_out).
+        (B, T, C_out), or (B, T, C_out // d_v) with `read_weight`.
     """
     if padding_mask is not None:
         x = x.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
     num_tokens, context = x.shape[1], weight.shape[-1] - 1
-    if context > 0:
-        decoding = False
-        if cache is not None:
-            layer = cache.layers[layer_idx]
-            if not isinstance(layer, LinearAttentionCacheLayerMixin):
-                raise ValueError(
-                    "This DDL model keeps convolution states in its cache; pass a cache built with "
-                    "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
-                )
-            decoding = layer.has_previous_state[state_idx]
-            # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns
-            # them followed by x.
-            full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=state_idx, conv_kernel_size=context)
+    padding = context
+    if context > 0 and cache is not None:
+        layer = cache.layers[layer_idx]
+        if not isinstance(layer, LinearAttentionCacheLayerMixin):
+            raise ValueError(
+                "This DDL model keeps convolution states in its cache; pass a cache built with "
+                "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
+            )
+        decoding = layer.has_previous_state[slot]
+        # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns
+        # them followed by x.
+        full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=slot, conv_kernel_size=context)
         if decoding:
-            return token_conv(full[..., -(num_tokens + context) :].transpose(1, 2), weight)
-    return token_conv(x, weight, padding=context)
+            x, padding = full[..., -(num_tokens + context) :].transpose(1, 2), 0
+    if read_weight is not None:
+        return token_compress(x, weight, read_weight, padding, use_fast_path=use_fast_path)
+    return token_conv(x, weight, padding, use_fast_path=use_fast_path)
+
+
+def _token_filters(channels: int, conv_size: int) -> nn.Parameter:
+    """One causal filter of `conv_size` taps per channel, (channels, 1, conv_size); see `_identity_causal_filter`."""
+    return nn.Parameter(torch.empty(channels, 1, conv_size))
+
+
+def _identity_causal_filter(weight: torch.Tensor) -> None:
+    """Filters (C, 1, K) that pass the current token through: last tap 1, others 0."""
+    identity = torch.zeros_like(weight)
+    identity[..., -1] = 1.0
+    init.copy_(weight, identity)
 
 
 class StateCompressor(nn.Module):
-    """Reads the width-d block input from the expanded state.
+    """Reads the width-d block input from the expanded state. (B, T, d * d_v) -> (B, T, d).
 
     `x_in[i] = sum_j W[i, j] X[i, j]` (channel compressor, CC); the token compressor (TC)
-    first runs a depthwise causal convolution over tokens on all d * d_v channels.
-    (B, T, d * d_v) -> (B, T, d). At init W = 1 / d_v and the token filter is the identity.
+    first runs a depthwise causal convolution over tokens on all d * d_v channels. At init
+    W = 1 / d_v and the token filter is the identity. A token compressor keeps its convolution
+    inputs in `cache.layers[cache_layer_idx]`.
     """
 
-    def __init__(self, hidden_size: int, value_channels: int, kind: str = "channel", conv_size: int = 4) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        value_channels: int,
+        kind: str = "channel",
+        conv_size: int = 4,
+        cache_layer_idx: int = 0,
+        use_fast_path: bool = True,
+    ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.value_channels = value_channels
         self.kind = kind
+        self.cache_layer_idx = cache_layer_idx
+        self.use_fast_path = use_fast_path
         self.read_weight = nn.Parameter(torch.empty(hidden_size, value_channels))
         if kind == "token":
-            self.conv_weight = nn.Parameter(torch.empty(hidden_size * value_channels, 1, conv_size))
+            self.conv_weight = _token_filters(hidden_size * value_channels, conv_size)
         else:
             self.register_parameter("conv_weight", None)
         self.reset_parameters()
@@ -245,18 +308,23 @@ class StateCompressor(nn.Module):
         self,
         state: torch.Tensor,
         cache: Cache | None = None,
-        layer_idx: int = 0,
-        state_idx: int = 0,
+        slot: int = 0,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.conv_weight is not None and fast_paths_enabled():
-            # The read over d_v folded into the token filters (a (d, d_v, K) product): one grouped
-            # convolution reads the (B, T, d * d_v) state once and writes only (B, T, d).
-            folded = self.conv_weight.view(self.hidden_size, self.value_channels, -1) * self.read_weight.unsqueeze(-1)
-            return causal_depthwise_conv(state, folded, cache, layer_idx, state_idx, padding_mask)
+        """`state` (B, T, d * d_v) -> (B, T, d); `slot` names the conv state of a token compressor."""
         if self.conv_weight is not None:
-            state = causal_depthwise_conv(state, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
-        return channel_compress(state.unflatten(-1, (self.hidden_size, self.value_channels)), self.read_weight)
+            return causal_depthwise_conv(
+                state,
+                self.conv_weight,
+                cache,
+                self.cache_layer_idx,
+                slot,
+                padding_mask,
+                use_fast_path=self.use_fast_path,
+                read_weight=self.read_weight,
+            )
+        matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
+        return channel_compress(matrix, self.read_weight, use_fast_path=self.use_fast_path)
 
     def read_after_write(self, read: torch.Tensor, h: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
         """The channel compressor's read of `state + h write^T` from its read of `state`, without the state.
@@ -266,7 +334,7 @@ class StateCompressor(nn.Module):
         """
         if self.conv_weight is not None:
             raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
-        return channel_read_after_write(read, h, write, self.read_weight)
+        return channel_read_after_write(read, h, write, self.read_weight, use_fast_path=self.use_fast_path)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
@@ -276,15 +344,26 @@ class EmbedExpansion(nn.Module):
     """Turns token embeddings into the first residual state. (B, T, d) -> (B, T, d * d_v).
 
     `"conv"` (EC): a depthwise causal convolution over tokens mapping feature i to its d_v
-    channels, identity at init (so it starts as repetition); `"repeat"`: copy each feature.
+    channels, identity at init (so it starts as repetition), keeping its inputs in
+    `cache.layers[0]` at `slot`; `"repeat"`: copy each feature.
     """
 
-    def __init__(self, hidden_size: int, value_channels: int, kind: str = "conv", conv_size: int = 4) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        value_channels: int,
+        kind: str = "conv",
+        conv_size: int = 4,
+        slot: int = 0,
+        use_fast_path: bool = True,
+    ) -> None:
         super().__init__()
         self.value_channels = value_channels
         self.kind = kind
+        self.slot = slot
+        self.use_fast_path = use_fast_path
         if kind == "conv":
-            self.conv_weight = nn.Parameter(torch.empty(hidden_size * value_channels, 1, conv_size))
+            self.conv_weight = _token_filters(hidden_size * value_channels, conv_size)
         else:
             self.register_parameter("conv_weight", None)
         self.reset_parameters()
@@ -295,23 +374,13 @@ class EmbedExpansion(nn.Module):
             _identity_causal_filter(self.conv_weight)
 
     def forward(
-        self,
-        embeddings: torch.Tensor,
-        cache: Cache | None = None,
-        layer_idx: int = 0,
-        state_idx: int = 0,
-        padding_mask: torch.Tensor | None = None,
+        self, embeddings: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.conv_weight is None:
             return embeddings.repeat_interleave(self.value_channels, dim=-1)
-        return causal_depthwise_conv(embeddings, self.conv_weight, cache, layer_idx, state_idx, padding_mask)
-
-
-def _identity_causal_filter(weight: torch.Tensor) -> None:
-    """Filters (C, 1, K) that pass the current token through: last tap 1, others 0."""
-    identity = torch.zeros_like(weight)
-    identity[..., -1] = 1.0
-    init.copy_(weight, identity)
+        return causal_depthwise_conv(
+            embeddings, self.conv_weight, cache, 0, self.slot, padding_mask, use_fast_path=self.use_fast_path
+        )
 
 
 __all__ = ["DeltaShortcut", "StateCompressor", "EmbedExpansion", "causal_depthwise_conv"]

@@ -12,8 +12,9 @@ Notation (one token, one sublayer; every leading dimension is a batch dimension)
     X' = X + beta k v^T                 erase=False (the write-only control)
 
 `delta_update_reference` is the readable definition that every faster path is tested
-against. The direction, the read `k^T X` and the update are computed in fp32 and the
-result is cast back to the state's dtype, as in the authors' code.
+against. The direction, the read `k^T X` and the update are computed in fp32 (float64 for
+float64 inputs, see `upcast`) and the result is cast back to the state's dtype, as in the
+authors' code.
 
 Fast paths (the defaults, each tested against its plain reference):
 
@@ -33,8 +34,9 @@ Fast paths (the defaults, each tested against its plain reference):
 Without autograd (inference) the same arithmetic runs without the autograd wrappers, so results
 do not depend on the grad mode.
 
-`reference_paths()` switches every call site in this package to the plain references; it is
-meant for tests and benchmarks (`ddl bench`), which compare the two.
+Every public op takes `use_fast_path` (the modules pass their `use_fast_path`, from
+`DDLConfig.use_fast_path`); `False` runs the plain reference. `reference_paths()` forces the
+references everywhere inside a block, for tests and benchmarks (`ddl bench --reference`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ _use_fast_paths = True
 def fast_paths_enabled() -> bool:
     """True unless inside `reference_paths()`."""
     return _use_fast_paths
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in the precision the Delta arithmetic runs in: fp32 for fp32 and lower, float64 kept."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def _fast(use_fast_path: bool) -> bool:
+    """Whether an op called with `use_fast_path` runs its fast path."""
+    return use_fast_path and _use_fast_paths
 
 
 @contextmanager
@@ -78,7 +90,7 @@ def reference_paths() -> Iterator[None]:
 # --------------------------------------------------------------------------- the Delta rewrite
 def unit_direction(h: torch.Tensor, eps: float) -> torch.Tensor:
     """`h / sqrt(|h|^2 + eps^2)` over the last dimension, in fp32. Shape is kept: (..., d)."""
-    h = h.float()
+    h = upcast(h)
     return h * torch.rsqrt(h.square().sum(-1, keepdim=True) + eps * eps)
 
 
@@ -89,7 +101,8 @@ def delta_update_reference(
     v: torch.Tensor,
     eps: float,
     erase: bool = True,
-) -> torch.Tensor:
+    return_write: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain reference of the Delta rewrite.
 
     Args:
@@ -99,18 +112,23 @@ def delta_update_reference(
         v: (..., d_v) values.
         eps: direction guard (`k_eps`).
         erase: True for DDL, False for the write-only control.
+        return_write: also return the write w (..., d_v), fp32, with X' = X + h w^T.
 
     Returns:
-        (..., d, d_v) the new state, in `state.dtype`.
+        (..., d, d_v) the new state, in `state.dtype` (and w with `return_write`).
     """
     k = unit_direction(h, eps).unsqueeze(-1)  # (..., d, 1)
-    x = state.float()
-    target = v.float().unsqueeze(-2)  # (..., 1, d_v)
+    x = upcast(state)
+    target = upcast(v).unsqueeze(-2)  # (..., 1, d_v)
     if erase:
         read = (k * x).sum(-2, keepdim=True)  # (..., 1, d_v) = k^T X
         target = target - read
-    new_state = x + beta.float().unsqueeze(-1) * k * target
-    return new_state.to(state.dtype)
+    new_state = (x + upcast(beta).unsqueeze(-1) * k * target).to(state.dtype)
+    if not return_write:
+        return new_state
+    # X' = X + beta k t^T = X + h (beta r t)^T with k = r h.
+    r = torch.rsqrt(upcast(h).square().sum(-1, keepdim=True) + eps * eps)
+    return new_state, upcast(beta) * r * target.squeeze(-2)
 
 
 def _inverse_norm(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -171,13 +189,13 @@ def _delta_update_forward(state, h, beta, v, eps: float, erase: bool):
     """The fused rewrite on flat inputs (see `_DeltaUpdate`): the new state and the per-token r, t, w."""
     # fp32 math whatever autocast says: the rewrite is defined in fp32 (see the module docstring).
     with _full_precision(state):
-        hf = h.float()
+        hf = upcast(h)
         r = _inverse_norm(hf, eps)  # (N, 1)
-        target = v.float()  # (N, d_v)
+        target = upcast(v)  # (N, d_v)
         if erase:
-            target = target - _rowwise_dot(hf, state.float()) * r
-        write = beta.float() * r * target
-        new_state = _outer_add(state.float(), hf, write).to(state.dtype)
+            target = target - _rowwise_dot(hf, upcast(state)) * r
+        write = upcast(beta) * r * target
+        new_state = _outer_add(upcast(state), hf, write).to(state.dtype)
     return new_state, r, target, write
 
 
@@ -219,13 +237,13 @@ class _DeltaUpdate(torch.autograd.Function):
         if grad_new_state is None and grad_write is None:
             return grad_state, grad_h, grad_beta, grad_v, None, None, None
         with _full_precision(h):
-            hf, bf = h.float(), beta.float()
+            hf, bf = upcast(h), upcast(beta)
             if grad_new_state is None:  # only w is used: G = 0
                 grad_new_state = torch.zeros(*hf.shape, write.shape[-1], dtype=state_dtype, device=hf.device)
-            grad_out = grad_new_state.float()
+            grad_out = upcast(grad_new_state)
             s_grad = _rowwise_dot(hf, grad_out)  # S = G^T h + dL/dw  (N, d_v)
             if grad_write is not None:
-                s_grad = s_grad + grad_write.float()
+                s_grad = s_grad + upcast(grad_write)
             t_grad = bf * r * s_grad  # T = dL/dt
             s_dot_t = (s_grad * target).sum(-1, keepdim=True)
             if need_v:
@@ -239,10 +257,10 @@ class _DeltaUpdate(torch.autograd.Function):
                 h_scale = -r * r * r * bf * s_dot_t  # (N, 1)
                 grad_h = _rowwise_matvec(grad_out, write)  # G w
                 if ctx.erase:
-                    h_scale = h_scale + r * r * (t_grad * (v.float() - target)).sum(-1, keepdim=True)
+                    h_scale = h_scale + r * r * (t_grad * (upcast(v) - target)).sum(-1, keepdim=True)
                     if ctx.save_output:  # X T = X' T - h (w . T)
                         h_scale = h_scale + r * (write * t_grad).sum(-1, keepdim=True)
-                    grad_h = grad_h.sub_(_rowwise_matvec(saved_state.float(), t_grad).mul_(r))
+                    grad_h = grad_h.sub_(_rowwise_matvec(upcast(saved_state), t_grad).mul_(r))
                 grad_h = grad_h.addcmul_(hf, h_scale).to(h_dtype)
         return grad_state, grad_h, grad_beta, grad_v, None, None, None
 
@@ -256,8 +274,9 @@ def delta_update(
     erase: bool = True,
     return_write: bool = False,
     save_output: bool = False,
+    use_fast_path: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The Delta rewrite (same arguments, result and precision as `delta_update_reference`), fast path.
+    """The Delta rewrite (same arguments, result and precision as `delta_update_reference`).
 
     `state` (..., d, d_v), `h` (..., d), `beta` (..., 1), `v` (..., d_v); `beta` and `v` may
     broadcast over the leading dimensions. Returns (..., d, d_v) in `state.dtype`; with
@@ -272,15 +291,8 @@ def delta_update(
     *leading, d, d_v = state.shape
     if h.shape != (*leading, d):
         raise ValueError(f"delta_update: h must have shape {(*leading, d)} for a state of shape {tuple(state.shape)}")
-    if not _use_fast_paths:
-        new_state = delta_update_reference(state, h, beta, v, eps, erase=erase)
-        if not return_write:
-            return new_state
-        # The write of the same definitions: X' = X + beta k t^T = X + h (beta r t)^T.
-        hf = h.float()
-        r = torch.rsqrt(hf.square().sum(-1, keepdim=True) + eps * eps)
-        target = v.float() - ((hf * r).unsqueeze(-1) * state.float()).sum(-2) if erase else v.float()
-        return new_state, beta.float() * r * target
+    if not _fast(use_fast_path):
+        return delta_update_reference(state, h, beta, v, eps, erase=erase, return_write=return_write)
     flat = (state.reshape(-1, d, d_v), h.reshape(-1, d), beta.expand(*leading, 1).reshape(-1, 1))
     flat += (v.expand(*leading, d_v).reshape(-1, d_v),)
     if _needs_autograd(*flat):
@@ -334,12 +346,12 @@ class _ChannelCompress(torch.autograd.Function):
         return grad_matrix, grad_weight
 
 
-def channel_compress(matrix: torch.Tensor, read_weight: torch.Tensor) -> torch.Tensor:
-    """The channel compressor (same result as `channel_compress_reference`), fast path.
+def channel_compress(matrix: torch.Tensor, read_weight: torch.Tensor, use_fast_path: bool = True) -> torch.Tensor:
+    """The channel compressor (same result as `channel_compress_reference`).
 
     `matrix` (..., d, d_v), `read_weight` (d, d_v) -> (..., d), in the promoted dtype of the two.
     """
-    if not _use_fast_paths:
+    if not _fast(use_fast_path):
         return channel_compress_reference(matrix, read_weight)
     *leading, d, d_v = matrix.shape
     dtype = torch.promote_types(matrix.dtype, read_weight.dtype)
@@ -352,9 +364,9 @@ def channel_compress(matrix: torch.Tensor, read_weight: torch.Tensor) -> torch.T
 def channel_read_after_write_reference(
     read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, read_weight: torch.Tensor
 ) -> torch.Tensor:
-    """Plain reference of `channel_read_after_write`."""
-    update = h.float() * F.linear(write.float(), read_weight.float())
-    return (read.float() + update).to(read.dtype)
+    """Plain reference of `channel_read_after_write`: read + h * (w W^T), computed in fp32, in `read.dtype`."""
+    update = upcast(h) * F.linear(upcast(write), upcast(read_weight))
+    return (upcast(read) + update).to(read.dtype)
 
 
 class _ChannelReadAfterWrite(torch.autograd.Function):
@@ -364,8 +376,7 @@ class _ChannelReadAfterWrite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, read, h, write, read_weight):
         with _full_precision(read):
-            update = h.float() * F.linear(write.float(), read_weight.float())
-            new_read = (read.float() + update).to(read.dtype)
+            new_read = channel_read_after_write_reference(read, h, write, read_weight)
         ctx.dtypes = (read.dtype, h.dtype, write.dtype, read_weight.dtype)
         ctx.save_for_backward(h, write, read_weight)
         return new_read
@@ -376,26 +387,24 @@ class _ChannelReadAfterWrite(torch.autograd.Function):
         h, write, read_weight = ctx.saved_tensors
         read_dtype, h_dtype, write_dtype, weight_dtype = ctx.dtypes
         with _full_precision(grad_read):
-            grad, weight = grad_read.float(), read_weight.float()
-            grad_h = (grad * F.linear(write.float(), weight)).to(h_dtype)
-            grad_update = grad * h.float()  # dL/d(w W^T), (N, d)
+            grad, weight = upcast(grad_read), upcast(read_weight)
+            grad_h = (grad * F.linear(upcast(write), weight)).to(h_dtype)
+            grad_update = grad * upcast(h)  # dL/d(w W^T), (N, d)
             grad_write = (grad_update @ weight).to(write_dtype)
-            grad_weight = (grad_update.t() @ write.float()).to(weight_dtype)
+            grad_weight = (grad_update.t() @ upcast(write)).to(weight_dtype)
         return grad_read.to(read_dtype), grad_h, grad_write, grad_weight
 
 
 def channel_read_after_write(
-    read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, read_weight: torch.Tensor
+    read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, read_weight: torch.Tensor, use_fast_path: bool = True
 ) -> torch.Tensor:
     """The channel compressor's read of X + h w^T from its read of X, without X:
     `sum_j W[i, j] (X[i, j] + h[i] w[j]) = read[i] + h[i] (W w)[i]`.
 
     `read` (..., d), `h` (..., d), `write` (..., d_v), `read_weight` W (d, d_v) -> (..., d) in
-    `read.dtype`, computed in fp32.
+    `read.dtype`, computed in fp32. The fast path keeps only h, w and W for backward.
     """
-    if not _use_fast_paths:
-        return channel_read_after_write_reference(read, h, write, read_weight)
-    if not _needs_autograd(read, h, write, read_weight):
+    if not _fast(use_fast_path) or not _needs_autograd(read, h, write, read_weight):
         return channel_read_after_write_reference(read, h, write, read_weight)
     d, d_v = read_weight.shape
     flat = (read.reshape(-1, d), h.reshape(-1, d), write.reshape(-1, d_v))
@@ -426,7 +435,7 @@ def _few_token_conv(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch
     return out.reshape(batch, tokens, groups * per_group_out)
 
 
-def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
+def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0, use_fast_path: bool = True) -> torch.Tensor:
     """Grouped causal convolution over tokens, on token-major tensors.
 
     Args:
@@ -444,7 +453,7 @@ def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch
     when C_in <= C_out, else (the folded token compressor) both ends of the convolution, dropping
     the outputs of the right padding. The reference transposes to (B, C, T).
     """
-    if not _use_fast_paths:
+    if not _fast(use_fast_path):
         return token_conv_reference(x, weight, padding)
     groups = x.shape[-1] // weight.shape[1]
     if x.shape[0] * (x.shape[1] + padding - weight.shape[-1] + 1) <= _FEW_TOKENS:
@@ -459,8 +468,41 @@ def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch
     return out[:, : out.shape[1] - conv_padding] if conv_padding else out
 
 
+def token_compress_reference(
+    x: torch.Tensor, conv_weight: torch.Tensor, read_weight: torch.Tensor, padding: int = 0
+) -> torch.Tensor:
+    """Plain reference of `token_compress`: filter every channel over tokens, then the channel read."""
+    filtered = token_conv_reference(x, conv_weight, padding)
+    return channel_compress_reference(filtered.unflatten(-1, read_weight.shape), read_weight)
+
+
+def token_compress(
+    x: torch.Tensor, conv_weight: torch.Tensor, read_weight: torch.Tensor, padding: int = 0, use_fast_path: bool = True
+) -> torch.Tensor:
+    """The token compressor: a causal depthwise convolution over tokens, then the channel read.
+
+    Args:
+        x: (B, T_in, d * d_v) the state, feature major.
+        conv_weight: (d * d_v, 1, K) one filter per state channel.
+        read_weight: (d, d_v) the read W over each feature's d_v filtered values.
+        padding: zero tokens assumed before x, as in `token_conv`.
+
+    Returns:
+        (B, T_in + padding - K + 1, d): `x_in[i] = sum_j W[i, j] (f_ij * X[:, i, j])`.
+
+    The fast path folds the read into the filters, a (d, d_v, K) product: one grouped convolution
+    reads the state once and writes only (B, T, d).
+    """
+    if not _fast(use_fast_path):
+        return token_compress_reference(x, conv_weight, read_weight, padding)
+    d, d_v = read_weight.shape
+    folded = conv_weight.view(d, d_v, -1) * read_weight.unsqueeze(-1)
+    return token_conv(x, folded, padding)
+
+
 __all__ = [
     "unit_direction",
+    "upcast",
     "delta_update_reference",
     "delta_update",
     "channel_compress_reference",
@@ -469,6 +511,8 @@ __all__ = [
     "channel_read_after_write",
     "token_conv_reference",
     "token_conv",
+    "token_compress_reference",
+    "token_compress",
     "fast_paths_enabled",
     "reference_paths",
 ]

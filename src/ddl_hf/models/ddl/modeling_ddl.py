@@ -21,14 +21,12 @@ initial state (the expanded embeddings), entry i the state after block i, each o
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -45,14 +43,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_ddl import DDLConfig
+from .checkpoint_checks import align_cpu_tensors, check_safetensors_files, loading_problems, weights_source
+from .configuration_ddl import ConvStateSlot, DDLConfig
 from .delta_layers import DeltaShortcut, EmbedExpansion, StateCompressor
-from .delta_ops import fast_paths_enabled
 from .model_card import MODEL_CARD_NAME, is_generated_model_card, write_model_card
 
 
 class DDLRMSNorm(nn.Module):
-    """RMSNorm over the last dimension, computed in fp32. (..., d) -> (..., d)."""
+    """RMSNorm over the last dimension, computed in fp32 (float64 for a float64 model). (..., d) -> (..., d)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -61,7 +59,7 @@ class DDLRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
         hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
 
@@ -95,7 +93,8 @@ class DDLRotaryEmbedding(nn.Module):
 
     @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        angles = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
         angles = torch.cat((angles, angles), dim=-1)
         cos = angles.cos() * self.attention_scaling
         sin = angles.sin() * self.attention_scaling
@@ -236,19 +235,32 @@ def _make_shortcut(config: DDLConfig, layer_idx: int, sublayer: str) -> DeltaSho
         value_scale=config.value_scale,
         layer_idx=layer_idx,
         sublayer=sublayer,
+        # The block's input state is kept by the attention's read and its output by the next block's read,
+        # so the attention write keeps its input and the MLP write its output: no state is kept twice.
+        keep_output_for_backward=sublayer == "mlp",
+        use_fast_path=config.use_fast_path,
     )
 
 
-def _make_compressor(config: DDLConfig) -> StateCompressor | None:
+def _make_compressor(config: DDLConfig, cache_layer_idx: int) -> StateCompressor | None:
     if not config.is_expanded:
         return None
-    return StateCompressor(config.hidden_size, config.value_channels, config.state_compressor, config.state_conv_size)
+    return StateCompressor(
+        config.hidden_size,
+        config.value_channels,
+        config.state_compressor,
+        config.state_conv_size,
+        cache_layer_idx=cache_layer_idx,
+        use_fast_path=config.use_fast_path,
+    )
 
 
 class DDLDecoderLayer(GradientCheckpointingLayer):
     """One pre-norm block whose two residual writes are Delta rewrites (or additions).
 
-    (B, T, d * d_v) -> (B, T, d * d_v).
+    (B, T, d * d_v) -> (B, T, d * d_v). Where Llama adds the sublayer output to the residual stream,
+    this block writes it into the state with its `DeltaShortcut`; where Llama's sublayers take the
+    residual stream, they take the compressor's width-d read of the state.
     """
 
     def __init__(self, config: DDLConfig, layer_idx: int) -> None:
@@ -259,22 +271,27 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         self.mlp = DDLMLP(config)
         self.input_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.compressor = _make_compressor(config)
+        self.compressor = _make_compressor(config, layer_idx)
         self.attn_shortcut = _make_shortcut(config, layer_idx, "attention")
         self.mlp_shortcut = _make_shortcut(config, layer_idx, "mlp")
-        self._attn_slot = config.conv_state_index("attention_compressor")
-        self._mlp_slot = config.conv_state_index("mlp_compressor")
 
     def _read(self, state, slot, cache, padding_mask) -> torch.Tensor:
+        """The sublayer's width-d input: the state itself when d_v = 1."""
         if self.compressor is None:
             return state
-        return self.compressor(state, cache, self.layer_idx, slot, padding_mask)
+        return self.compressor(state, cache, slot, padding_mask)
 
-    @staticmethod
-    def _write(shortcut, state, h, context, block_input) -> torch.Tensor:
-        if shortcut is None:
-            return state + h
-        return shortcut(state, h, context, block_input)
+    def _write_and_read(self, state, h, context, block_input, cache, padding_mask):
+        """The attention's write, and the MLP's read of the new state (`DeltaShortcut.write_and_read`)."""
+        if self.attn_shortcut is None:
+            state = state + h
+        elif self.compressor is not None:
+            return self.attn_shortcut.write_and_read(
+                state, h, context, block_input, self.compressor, cache, ConvStateSlot.MLP_INPUT, padding_mask
+            )
+        else:
+            state = self.attn_shortcut(state, h, context, block_input)
+        return state, self._read(state, ConvStateSlot.MLP_INPUT, cache, padding_mask)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -289,7 +306,8 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         state = hidden_states
-        block_input = self._read(state, self._attn_slot, cache, padding_mask)
+        # Attention: read, norm, attention, write (with the MLP's read of the new state).
+        block_input = self._read(state, ConvStateSlot.ATTENTION_INPUT, cache, padding_mask)
         context = self.input_layernorm(block_input)
         h, _ = self.self_attn(
             context,
@@ -300,22 +318,13 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
             use_cache=use_cache,
             **kwargs,
         )
-        reads_after_write = self.compressor is not None and self.compressor.kind == "channel" and fast_paths_enabled()
-        if reads_after_write:
-            # The channel compressor is linear per token, so the MLP's read of the new state follows from
-            # the attention's read and the rank-1 write, without another pass over the (d, d_v) state.
-            state, write = self.attn_shortcut(state, h, context, block_input, return_write=True)
-            block_input = self.compressor.read_after_write(block_input, h, write)
-        else:
-            state = self._write(self.attn_shortcut, state, h, context, block_input)
-            block_input = self._read(state, self._mlp_slot, cache, padding_mask)
+        state, block_input = self._write_and_read(state, h, context, block_input, cache, padding_mask)
+        # MLP: norm, MLP, write.
         context = self.post_attention_layernorm(block_input)
         h = self.mlp(context)
-        if reads_after_write:
-            # Nothing else keeps the mid-block state for backward: the attention write kept the block's
-            # input (its compressor keeps it too), this one keeps the block's output (the next reader does).
-            return self.mlp_shortcut(state, h, context, block_input, save_output=True)
-        return self._write(self.mlp_shortcut, state, h, context, block_input)
+        if self.mlp_shortcut is None:
+            return state + h
+        return self.mlp_shortcut(state, h, context, block_input)
 
 
 # --------------------------------------------------------------------------- pretrained models
@@ -378,24 +387,14 @@ class DDLPreTrainedModel(PreTrainedModel):
         wants_loading_info = kwargs.pop("output_loading_info", False)
         allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         subfolder = kwargs.get("subfolder", "")
-        try:
-            # Mismatched shapes are let through here so that the error below can list them.
-            model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path,
-                *model_args,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,
-                **kwargs,
-            )
-        except SafetensorError as error:
-            source = _unreadable_safetensors_file(pretrained_model_name_or_path, subfolder)
-            raise ValueError(
-                f"{source}: cannot read the safetensors weights ({error}); the file is truncated or corrupt, "
-                "save or download it again"
-            ) from error
-        problems = _loading_problems(loading_info, allow_mismatched)
+        check_safetensors_files(pretrained_model_name_or_path, subfolder)
+        # Mismatched shapes are let through here so that the error below can list them.
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        problems = loading_problems(loading_info, allow_mismatched)
         if problems:
-            source = _weights_source(pretrained_model_name_or_path, subfolder)
+            source = weights_source(pretrained_model_name_or_path, subfolder)
             raise ValueError(
                 f"{source} does not match the {cls.__name__} its config.json describes ({model.config.variant_name}, "
                 f"hidden_size={model.config.hidden_size}, value_channels={model.config.value_channels}): "
@@ -403,6 +402,7 @@ class DDLPreTrainedModel(PreTrainedModel):
                 + ". Refusing to return a partly initialized model: config.json and the weights must come from "
                 "the same save_pretrained call."
             )
+        align_cpu_tensors(model)
         return (model, loading_info) if wants_loading_info else model
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
@@ -425,51 +425,6 @@ class DDLPreTrainedModel(PreTrainedModel):
             write_model_card(save_directory, self)
 
 
-def _weights_source(pretrained_model_name_or_path, subfolder: str = "") -> str:
-    """The weights file (or index) of a local checkpoint folder, else a description of the source."""
-    if pretrained_model_name_or_path is None:
-        return "the given state_dict"
-    folder = os.path.join(str(pretrained_model_name_or_path), subfolder)
-    for name in ("model.safetensors.index.json", "model.safetensors"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return f"checkpoint {str(pretrained_model_name_or_path)!r}"
-
-
-def _unreadable_safetensors_file(pretrained_model_name_or_path, subfolder: str = "") -> str:
-    """The first safetensors file of a local folder that safetensors cannot open."""
-    folder = os.path.join(str(pretrained_model_name_or_path), subfolder)
-    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        try:
-            with safe_open(path, framework="pt"):
-                pass
-        except SafetensorError:
-            return path
-    return _weights_source(pretrained_model_name_or_path, subfolder)
-
-
-def _loading_problems(loading_info: dict, allow_mismatched: bool, shown: int = 8) -> list[str]:
-    """Human-readable lines for every weight the checkpoint failed to provide exactly."""
-
-    def listing(keys: list[str]) -> str:
-        more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-        return ", ".join(keys[:shown]) + more
-
-    problems = []
-    missing = sorted(loading_info.get("missing_keys", ()))
-    if missing:
-        problems.append(f"{len(missing)} weight(s) missing from the file: {listing(missing)}")
-    unexpected = sorted(loading_info.get("unexpected_keys", ()))
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weight(s) in the file: {listing(unexpected)}")
-    mismatched = sorted(loading_info.get("mismatched_keys", ()))
-    if mismatched and not allow_mismatched:
-        shapes = [f"{key} (file {tuple(saved)} vs model {tuple(expected)})" for key, saved, expected in mismatched]
-        problems.append(f"{len(mismatched)} weight(s) with a different shape: {listing(shapes)}")
-    problems += [str(message) for message in loading_info.get("error_msgs", ())]
-    return problems
-
-
 class DDLModel(DDLPreTrainedModel):
     """The DDL decoder without a head. Returns the final normalized readout (B, T, d)."""
 
@@ -483,12 +438,19 @@ class DDLModel(DDLPreTrainedModel):
         # embedding must keep learning.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_expansion = (
-            EmbedExpansion(config.hidden_size, config.value_channels, config.embed_expansion, config.embed_conv_size)
+            EmbedExpansion(
+                config.hidden_size,
+                config.value_channels,
+                config.embed_expansion,
+                config.embed_conv_size,
+                slot=ConvStateSlot.EMBED_EXPANSION,
+                use_fast_path=config.use_fast_path,
+            )
             if config.is_expanded
             else None
         )
         self.layers = nn.ModuleList(DDLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.readout = _make_compressor(config)
+        self.readout = _make_compressor(config, cache_layer_idx=config.num_hidden_layers - 1)
         self.norm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DDLRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -602,9 +564,7 @@ class DDLModel(DDLPreTrainedModel):
 
         state = inputs_embeds
         if self.embed_expansion is not None:
-            state = self.embed_expansion(
-                inputs_embeds, cache, 0, self.config.conv_state_index("embed_expansion"), padding_mask
-            )
+            state = self.embed_expansion(inputs_embeds, cache, padding_mask)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             state = decoder_layer(
@@ -618,13 +578,7 @@ class DDLModel(DDLPreTrainedModel):
                 **kwargs,
             )
         if self.readout is not None:
-            state = self.readout(
-                state,
-                cache,
-                self.config.num_hidden_layers - 1,
-                self.config.conv_state_index("readout_compressor"),
-                padding_mask,
-            )
+            state = self.readout(state, cache, ConvStateSlot.READOUT, padding_mask)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(state), cache=cache)
 
 
