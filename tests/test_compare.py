@@ -252,3 +252,30 @@ def test_budget_is_required_and_exclusive(tmp_path):
         main(["--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["--max_steps", "2", "--max_tokens", "100", "--output_dir", str(tmp_path)])
+
+
+def without_flag(argv, flag):
+    """`argv` without `flag` and the value after it."""
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2 :]
+
+
+def test_tiny_preset_compares_with_the_default_block_size(workspace, tmp_path, capsys):
+    """`ddl compare --preset tiny` without --block_size: every run packs blocks of the tiny model's context."""
+    from ddl_hf.compare import main
+
+    _, argv = workspace
+    argv = without_flag(argv, "--block_size") + ["--variants", "ddl-cc", "--seeds", "1", "--max_steps", "2"]
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (report["block_size"], report["tokens_per_step"]) == (128, BATCH * 128)
+    assert report["variants"]["ddl-cc"]["tokens"] == 2 * BATCH * 128
+    config = DDLConfig.from_pretrained(tmp_path / "out" / "runs" / "ddl-cc" / "seed-0")
+    assert report["variants"]["ddl-cc"]["training_flops_per_token"] == training_flops_per_token(config, 128)
+
+    capsys.readouterr()
+    assert main([*argv, "--output_dir", str(tmp_path / "too_large"), "--block_size", "129"]) == 2
+    assert "ddl compare: error: --block_size 129 is larger than the model's max_position_embeddings (128)" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "too_large").exists()

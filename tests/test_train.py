@@ -8,7 +8,6 @@ and the exact-equality checks below compare runs with the same thread count.
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -23,19 +22,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
+from conftest import offline_env, write_jsonl
 from ddl_hf import DDLConfig, DDLForCausalLM
 from ddl_hf.data import DataArguments, build_lm_datasets, builtin_corpus_documents
+from ddl_hf.run_files import CHECKPOINT_MANIFEST, checkpoint_is_complete, last_complete_checkpoint
 from ddl_hf.tokenization import train_bpe_tokenizer
 from ddl_hf.train import (
-    CHECKPOINT_MANIFEST,
     DDLTrainer,
     DDLTrainingArguments,
     ModelArguments,
-    checkpoint_is_complete,
-    last_complete_checkpoint,
     main,
     no_weight_decay_parameter_names,
     parse_args,
+    resolve_block_size,
     run_training,
 )
 
@@ -52,21 +51,7 @@ def one_thread():
 
 
 def subprocess_env():
-    return {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO / "src"),
-    }
-
-
-def write_jsonl(path, texts):
-    with open(path, "w", encoding="utf-8") as handle:
-        for text in texts:
-            handle.write(json.dumps({"text": text}) + "\n")
-    return str(path)
+    return offline_env(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO / "src"))
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +326,7 @@ def assert_same_run(resumed_dir, reference_dir):
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_with_the_losses_of_the_uninterrupted_run(reference_run, assets, tmp_path):
     reference_dir, reference_metrics = reference_run
     output_dir = tmp_path / "run"
@@ -370,6 +356,7 @@ def test_sigkilled_run_resumes_with_the_losses_of_the_uninterrupted_run(referenc
     assert metrics["tokens_seen"] == reference_metrics["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_checkpoint_interrupted_mid_save_is_skipped(reference_run, assets, tmp_path):
     reference_dir, _ = reference_run
     output_dir = tmp_path / "run"
@@ -495,7 +482,49 @@ def test_model_arguments_validate_choices():
         ModelArguments(config_name="a.json", model_name_or_path="dir")
 
 
+# --------------------------------------------------------------------------- default block size
+def without_flag(argv, flag):
+    """`argv` without `flag` and the value after it."""
+    index = argv.index(flag)
+    return argv[:index] + argv[index + 2 :]
+
+
+def test_default_block_size_follows_the_model(capsys):
+    # Not given: 256, cut to the context of a model that has less.
+    tiny = DDLConfig.from_preset("tiny", "ddl-cc")
+    assert parse_args([])[1].block_size is None
+    assert resolve_block_size(DataArguments(), DDLConfig.from_preset("mini", "ddl-cc")) == 256
+    assert resolve_block_size(DataArguments(), tiny) == 128
+    assert resolve_block_size(DataArguments(block_size=64), tiny) == 64
+    too_large = r"--block_size 129 is larger than the model's max_position_embeddings \(128\)"
+    with pytest.raises(ValueError, match=too_large):
+        resolve_block_size(DataArguments(block_size=129), tiny)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "None follows the model: min(256, max_position_embeddings)" in help_text
+
+
+def test_tiny_preset_trains_with_the_default_block_size(assets, tmp_path, capsys):
+    """`ddl train --preset tiny` without --block_size: blocks of the tiny model's whole context (128)."""
+    output_dir = tmp_path / "out"
+    argv = without_flag(tiny_argv(assets, output_dir, "--max_steps", "2", "--eval_steps", "2"), "--block_size")
+    assert main([*argv, "--sample_max_new_tokens", "0"]) == 0
+    assert "final validation loss" in capsys.readouterr().out
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert (metrics["block_size"], metrics["global_step"], metrics["tokens_seen"]) == (128, 2, 2 * 4 * 128)
+    assert json.loads((output_dir / "run_args.json").read_text())["fingerprint"]["data"]["block_size"] is None
+
+    too_large = tmp_path / "too_large"
+    assert main(tiny_argv(assets, too_large, "--block_size", "129")) == 2
+    assert "ddl train: error: --block_size 129 is larger than the model's max_position_embeddings (128)" in (
+        capsys.readouterr().err
+    )
+    assert not list(too_large.glob("checkpoint-*")) and not (too_large / "model.safetensors").exists()
+
+
 # --------------------------------------------------------------------------- two processes
+@pytest.mark.slow
 def test_two_process_data_parallel_run_with_accelerate_launch(assets, tmp_path):
     output_dir = tmp_path / "ddp"
     command = [

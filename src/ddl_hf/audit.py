@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from .command_line import reports_input_errors
 from .data import (
+    DEFAULT_BLOCK_SIZE,
     TXT_SAMPLE_BY,
     DataArguments,
     collate_blocks,
@@ -37,6 +39,7 @@ from .data import (
     tokenize_documents,
 )
 from .delta_stats import BETA_REGIMES, record_delta_stats
+from .plots import label_axes, png_figure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +84,7 @@ def default_block_size(model_dir: Path, max_position_embeddings: int) -> int:
         trained = json.loads(metrics.read_text(encoding="utf-8")).get("block_size")
         if trained:
             return int(trained)
-    return min(DataArguments().block_size or max_position_embeddings, max_position_embeddings)
+    return min(DEFAULT_BLOCK_SIZE, max_position_embeddings)
 
 
 def validation_documents(args: argparse.Namespace):
@@ -158,47 +161,40 @@ def format_table(shortcuts: list[dict]) -> str:
 def plot_audit(shortcuts: list[dict], path: Path, title: str) -> None:
     """Two panels: fraction of tokens per beta regime for every (layer, sublayer), and the
     discrepancy ratio mean |e'| / mean |e| per layer, one line per sublayer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     recorded = [entry for entry in shortcuts if entry["tokens"] > 0]
     regimes = list(BETA_REGIMES)
     fractions = [[entry["beta"]["regimes"][name] for name in regimes] for entry in recorded]
     labels = [f"layer {entry['layer']} {entry['sublayer']}" for entry in recorded]
-    figure, (heat_axis, ratio_axis) = plt.subplots(
-        1, 2, figsize=(12, max(3.0, 0.35 * len(recorded) + 1.5)), gridspec_kw={"width_ratios": [1.2, 1]}
-    )
-    image = heat_axis.imshow(fractions, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    heat_axis.set_xticks(range(len(regimes)), ["skip\n<0.1", "partial\n0.1-0.9", "match\n0.9-1.1", "over\n>1.1"])
-    heat_axis.set_yticks(range(len(labels)), labels)
-    for row, values in enumerate(fractions):
-        for column, value in enumerate(values):
-            heat_axis.text(
-                column, row, f"{value:.0%}", ha="center", va="center", color="white" if value < 0.6 else "black"
-            )
-    heat_axis.set_title("fraction of tokens per beta regime")
-    figure.colorbar(image, ax=heat_axis, fraction=0.046)
-    for sublayer in ("attention", "mlp"):
-        points = [
-            (entry["layer"], entry["discrepancy_ratio"])
-            for entry in recorded
-            if entry["sublayer"] == sublayer and entry["discrepancy_ratio"] is not None
-        ]
-        if points:
-            ratio_axis.plot(*zip(*points, strict=True), marker="o", label=sublayer)
-    ratio_axis.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
-    ratio_axis.set_xticks(sorted({entry["layer"] for entry in recorded if entry["layer"] is not None}))
-    ratio_axis.set_ylim(bottom=0.0)
-    ratio_axis.set_xlabel("layer")
-    ratio_axis.set_ylabel("mean |e'| / mean |e|")
-    ratio_axis.set_title("discrepancy after / before the update")
-    ratio_axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with png_figure(
+        path,
+        1,
+        2,
+        suptitle=title,
+        figsize=(12, max(3.0, 0.35 * len(recorded) + 1.5)),
+        gridspec_kw={"width_ratios": [1.2, 1]},
+    ) as (figure, (heat_axis, ratio_axis)):
+        image = heat_axis.imshow(fractions, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        heat_axis.set_xticks(range(len(regimes)), ["skip\n<0.1", "partial\n0.1-0.9", "match\n0.9-1.1", "over\n>1.1"])
+        heat_axis.set_yticks(range(len(labels)), labels)
+        for row, values in enumerate(fractions):
+            for column, value in enumerate(values):
+                heat_axis.text(
+                    column, row, f"{value:.0%}", ha="center", va="center", color="white" if value < 0.6 else "black"
+                )
+        heat_axis.set_title("fraction of tokens per beta regime")
+        figure.colorbar(image, ax=heat_axis, fraction=0.046)
+        for sublayer in ("attention", "mlp"):
+            points = [
+                (entry["layer"], entry["discrepancy_ratio"])
+                for entry in recorded
+                if entry["sublayer"] == sublayer and entry["discrepancy_ratio"] is not None
+            ]
+            if points:
+                ratio_axis.plot(*zip(*points, strict=True), marker="o", label=sublayer)
+        ratio_axis.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+        ratio_axis.set_xticks(sorted({entry["layer"] for entry in recorded if entry["layer"] is not None}))
+        ratio_axis.set_ylim(bottom=0.0)
+        label_axes(ratio_axis, "layer", "mean |e'| / mean |e|", "discrepancy after / before the update", grid=False)
 
 
 def run_audit(args: argparse.Namespace) -> dict:
@@ -247,13 +243,10 @@ def run_audit(args: argparse.Namespace) -> dict:
     }
 
 
+@reports_input_errors("audit")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = run_audit(args)
-    except ValueError as error:
-        print(f"ddl audit: error: {error}", file=sys.stderr)
-        return 2
+    report = run_audit(args)
     output_dir = Path(args.output_dir or os.path.join(args.model_dir, "audit"))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "audit.json").write_text(json.dumps(report, indent=2) + "\n")

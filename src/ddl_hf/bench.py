@@ -42,7 +42,8 @@ from contextlib import nullcontext
 
 import torch
 
-from .models.ddl.configuration_ddl import PRESET_SIZES, DDLConfig, check_preset_arguments
+from .command_line import check_preset_arguments, reports_input_errors
+from .models.ddl.configuration_ddl import PRESET_SIZES, DDLConfig
 from .models.ddl.delta_ops import reference_paths
 from .models.ddl.modeling_ddl import DDLForCausalLM
 
@@ -383,16 +384,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@reports_input_errors("bench")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        if args.memory_worker is not None:
-            args.variants = [args.memory_worker]
-        check_arguments(args)
-    except ValueError as error:
-        print(f"ddl bench: error: {error}", file=sys.stderr)
-        return 2
+    if args.memory_worker is not None:
+        args.variants = [args.memory_worker]
+    check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     with reference_paths() if args.reference else nullcontext():

@@ -13,7 +13,7 @@ itself (`--preset`, `--variant`, `--seed`, `--data_seed`, `--max_steps`, `--outp
 
 Rerunning the same command skips finished runs (a `metrics.json` whose run arguments match)
 and resumes unfinished ones from their last checkpoint; changed arguments stop with an error
-naming them (`train.check_output_dir`).
+naming them (`run_files.check_output_dir`).
 
 Outputs in `OUTPUT_DIR`:
 
@@ -36,10 +36,13 @@ import json
 import logging
 import math
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
-from .models.ddl.configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig, check_preset_arguments
+from .command_line import check_preset_arguments, reports_input_errors
+from .models.ddl.configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
+from .plots import color_cycle, label_axes, png_figure
 
 DEFAULT_VARIANTS = ("baseline", "ddl-scalar", "ddl-cc", "write-only-cc")
 REFERENCE_VARIANT = "baseline"
@@ -103,10 +106,10 @@ def mean_and_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (n - 1 in the denominator; None for a single value)."""
     if not values:
         raise ValueError("mean_and_std needs at least one value")
-    mean = sum(values) / len(values)
+    mean = float(statistics.mean(values))
     if len(values) == 1:
         return mean, None
-    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    return mean, float(statistics.stdev(values))
 
 
 def paired_difference(
@@ -225,7 +228,8 @@ def resolve_max_steps(args: argparse.Namespace, train_flags: list[str]) -> tuple
 # --------------------------------------------------------------------------- running
 def train_all(args: argparse.Namespace, train_flags: list[str], max_steps: int) -> None:
     """Train every (variant, seed), seed by seed, skipping finished runs and resuming unfinished ones."""
-    from .train import METRICS_FILE, check_output_dir, run_fingerprint, run_training
+    from .run_files import METRICS_FILE, check_output_dir, run_fingerprint
+    from .train import run_training
 
     for seed in range(args.seeds):
         for variant in args.variants:
@@ -241,10 +245,12 @@ def train_all(args: argparse.Namespace, train_flags: list[str], max_steps: int) 
 
 def load_run(folder: Path) -> dict:
     """Final metrics and the validation curve of one finished run."""
-    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    from .run_files import METRICS_FILE, load_trainer_state
+
+    metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    history = load_trainer_state(folder).log_history
     tokens_per_step = metrics["tokens_seen"] / metrics["global_step"]
-    curve = [(entry["step"], entry["eval_loss"]) for entry in state["log_history"] if "eval_loss" in entry]
+    curve = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
     curve = sorted(dict(curve).items())  # one point per step
     return {
         "metrics": metrics,
@@ -350,47 +356,35 @@ def plot_curves(
 ) -> None:
     """Validation loss against `x_key` ("tokens" or "flops"): per variant the mean over seeds at the
     evaluation steps every seed has, and a band from the lowest to the highest seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, variant in enumerate(variants):
-        curves = [run["curve"] for (name, _), run in sorted(runs.items()) if name == variant]
-        steps = sorted(set.intersection(*({point["step"] for point in curve} for curve in curves)))
-        if not steps:
-            continue
-        by_step = [{point["step"]: point for point in curve} for curve in curves]
-        x = [by_step[0][step][x_key] for step in steps]
-        losses = [[curve[step]["eval_loss"] for curve in by_step] for step in steps]
-        color = colors[index % len(colors)]
-        axes.plot(
-            x,
-            [sum(values) / len(values) for values in losses],
-            "o-",
-            color=color,
-            markersize=3,
-            label=f"{variant} ({len(curves)} seed{'s' if len(curves) > 1 else ''})",
-        )
-        if len(curves) > 1:
-            axes.fill_between(
+    with png_figure(path, figsize=(8, 5)) as (_, axes):
+        colors = color_cycle()
+        for index, variant in enumerate(variants):
+            curves = [run["curve"] for (name, _), run in sorted(runs.items()) if name == variant]
+            steps = sorted(set.intersection(*({point["step"] for point in curve} for curve in curves)))
+            if not steps:
+                continue
+            by_step = [{point["step"]: point for point in curve} for curve in curves]
+            x = [by_step[0][step][x_key] for step in steps]
+            losses = [[curve[step]["eval_loss"] for curve in by_step] for step in steps]
+            color = colors[index % len(colors)]
+            axes.plot(
                 x,
-                [min(values) for values in losses],
-                [max(values) for values in losses],
+                [statistics.mean(values) for values in losses],
+                "o-",
                 color=color,
-                alpha=0.2,
-                linewidth=0,
+                markersize=3,
+                label=f"{variant} ({len(curves)} seed{'s' if len(curves) > 1 else ''})",
             )
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel("validation loss (nats/token)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+            if len(curves) > 1:
+                axes.fill_between(
+                    x,
+                    [min(values) for values in losses],
+                    [max(values) for values in losses],
+                    color=color,
+                    alpha=0.2,
+                    linewidth=0,
+                )
+        label_axes(axes, xlabel, "validation loss (nats/token)", title)
 
 
 def write_results(args: argparse.Namespace, argv: list[str], max_steps: int, tokens_per_step: int) -> dict:
@@ -422,23 +416,20 @@ def write_results(args: argparse.Namespace, argv: list[str], max_steps: int, tok
     return report
 
 
+@reports_input_errors("compare")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, train_flags = build_parser().parse_known_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
-    try:
-        check_arguments(args, train_flags)
-        max_steps, tokens_per_step = resolve_max_steps(args, train_flags)
-        if args.max_tokens is not None:
-            print(
-                f"ddl compare: --max_tokens {args.max_tokens:,} -> {max_steps} steps of {tokens_per_step:,} tokens "
-                f"({max_steps * tokens_per_step:,} tokens per run)"
-            )
-        train_all(args, train_flags, max_steps)
-        report = write_results(args, argv, max_steps, tokens_per_step)
-    except ValueError as error:
-        print(f"ddl compare: error: {error}", file=sys.stderr)
-        return 2
+    check_arguments(args, train_flags)
+    max_steps, tokens_per_step = resolve_max_steps(args, train_flags)
+    if args.max_tokens is not None:
+        print(
+            f"ddl compare: --max_tokens {args.max_tokens:,} -> {max_steps} steps of {tokens_per_step:,} tokens "
+            f"({max_steps * tokens_per_step:,} tokens per run)"
+        )
+    train_all(args, train_flags, max_steps)
+    report = write_results(args, argv, max_steps, tokens_per_step)
     print()
     print(results_markdown(report))
     print(f"wrote {Path(args.output_dir) / RESULTS_MD}, {RESULTS_JSON}, {LOSS_VS_TOKENS_PNG}, {LOSS_VS_FLOPS_PNG}")

@@ -45,6 +45,8 @@ LOCAL_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parq
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
 # Bump when the tokenize or pack functions change, so old cache files are not reused.
 PIPELINE_VERSION = "1"
+# Tokens per block when --block_size is not given; a model with a shorter context trains on all of it.
+DEFAULT_BLOCK_SIZE = 256
 
 
 @dataclass
@@ -66,8 +68,11 @@ class DataArguments:
         metadata={"help": "how a .txt file splits into documents (EOS between them)", "choices": TXT_SAMPLE_BY},
     )
     block_size: int | None = field(
-        default=256,
-        metadata={"help": "tokens per training block (null: the model's max_position_embeddings)"},
+        default=None,
+        metadata={
+            "help": f"tokens per training block, at most the model's max_position_embeddings; None follows "
+            f"the model: min({DEFAULT_BLOCK_SIZE}, max_position_embeddings)"
+        },
     )
     validation_split_percentage: float = field(
         default=5.0,

@@ -25,6 +25,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .command_line import reports_input_errors
+
 END_OF_TEXT = "<|endoftext|>"
 DEFAULT_MODEL_MAX_LENGTH = 1024
 DEFAULT_VOCAB_SIZE = 8192
@@ -133,6 +135,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@reports_input_errors("tokenizer")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ddl tokenizer",
@@ -150,12 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_max_length", type=int, default=DEFAULT_MODEL_MAX_LENGTH)
     parser.add_argument("--min_frequency", type=int, default=2, help="minimum count of a pair to be merged")
     args = parser.parse_args(argv)
-    try:
-        texts = read_training_texts(args.train_file, args.text_column)
-        tokenizer = train_bpe_tokenizer(texts, args.vocab_size, args.model_max_length, args.min_frequency)
-    except ValueError as error:
-        print(f"ddl tokenizer: error: {error}", file=sys.stderr)
-        return 2
+    texts = read_training_texts(args.train_file, args.text_column)
+    tokenizer = train_bpe_tokenizer(texts, args.vocab_size, args.model_max_length, args.min_frequency)
     tokenizer.save_pretrained(args.output_dir)
     print(f"saved a byte-level BPE tokenizer with {len(tokenizer)} tokens to {args.output_dir}")
     return 0

@@ -16,26 +16,24 @@ Outputs in `output_dir`: `checkpoint-N/` folders, the final model and tokenizer,
 `data_order/rank{R}.tsv` (a hash of every micro-batch each process trained on, so runs can be
 checked to have seen identical data).
 
-Never losing work: a checkpoint is *committed* only after every process has written its files,
-by a `ddl_checkpoint_complete.json` manifest listing each file and its size; old checkpoints are
-rotated out only after that. Rerunning with the same `output_dir` resumes from the newest
-committed checkpoint, deleting any checkpoint whose manifest is missing or does not match (a
-save interrupted by a crash), and refuses to start when the folder holds checkpoints or a model
-of a run whose arguments differ from the fingerprint stored in `run_args.json`.
+Never losing work (the files behind it are in `run_files.py`): a checkpoint is *committed* only
+after every process has written its files, by a `ddl_checkpoint_complete.json` manifest listing
+each file and its size; old checkpoints are rotated out only after that. Rerunning with the same
+`output_dir` resumes from the newest committed checkpoint, deleting any checkpoint whose manifest
+is missing or does not match (a save interrupted by a crash), and refuses to start when the folder
+holds checkpoints or a model of a run whose arguments differ from the fingerprint stored in
+`run_args.json`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,9 +42,9 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     HfArgumentParser,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
-    TrainerState,
     TrainingArguments,
     set_seed,
 )
@@ -54,19 +52,32 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging as transformers_logging
 
-from .data import DataArguments, build_lm_datasets, collate_blocks
+from .command_line import reports_input_errors
+from .data import DEFAULT_BLOCK_SIZE, DataArguments, LMDatasets, build_lm_datasets, collate_blocks
 from .models.ddl.configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
 from .models.ddl.delta_layers import DeltaShortcut, EmbedExpansion, StateCompressor
 from .models.ddl.modeling_ddl import DDLForCausalLM
+from .plots import label_axes, png_figure
+from .run_files import (
+    METRICS_FILE,
+    append_data_order,
+    check_output_dir,
+    checkpoint_is_complete,
+    commit_checkpoint,
+    data_order_log,
+    last_complete_checkpoint,
+    load_trainer_state,
+    remove_interrupted_checkpoints,
+    run_fingerprint,
+    truncate_data_order_log,
+    write_json,
+    write_run_record,
+)
 from .tokenization import DEFAULT_VOCAB_SIZE, default_tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_MANIFEST = "ddl_checkpoint_complete.json"
-RUN_ARGS_FILE = "run_args.json"
-METRICS_FILE = "metrics.json"
 LOSS_CURVE_FILE = "loss_curve.png"
-DATA_ORDER_DIR = "data_order"
 
 
 # --------------------------------------------------------------------------- arguments
@@ -294,13 +305,16 @@ def build_config(model_args: ModelArguments, tokenizer) -> DDLConfig:
 
 
 def resolve_block_size(data_args: DataArguments, config: DDLConfig) -> int:
-    block_size = data_args.block_size or config.max_position_embeddings
-    if block_size > config.max_position_embeddings:
+    """`--block_size`, at most the model's context; when not given, the default block size cut to the
+    model's context, so that every preset trains with its own defaults."""
+    if data_args.block_size is None:
+        return min(DEFAULT_BLOCK_SIZE, config.max_position_embeddings)
+    if data_args.block_size > config.max_position_embeddings:
         raise ValueError(
-            f"--block_size {block_size} is larger than the model's max_position_embeddings "
+            f"--block_size {data_args.block_size} is larger than the model's max_position_embeddings "
             f"({config.max_position_embeddings})"
         )
-    return block_size
+    return data_args.block_size
 
 
 def build_model(model_args: ModelArguments, config: DDLConfig, seed: int) -> DDLForCausalLM:
@@ -330,159 +344,15 @@ def no_weight_decay_parameter_names(model: torch.nn.Module) -> set[str]:
     return names & {name for name, _ in model.named_parameters()}
 
 
-# --------------------------------------------------------------------------- checkpoints
-def commit_checkpoint(checkpoint_dir: str | Path, global_step: int) -> None:
-    """Mark a fully written checkpoint as complete: a manifest of its files and sizes, written atomically."""
-    checkpoint_dir = Path(checkpoint_dir)
-    files = {
-        path.relative_to(checkpoint_dir).as_posix(): path.stat().st_size
-        for path in sorted(checkpoint_dir.rglob("*"))
-        if path.is_file() and path.name != CHECKPOINT_MANIFEST
-    }
-    manifest = checkpoint_dir / CHECKPOINT_MANIFEST
-    staging = manifest.with_suffix(".tmp")
-    with open(staging, "w", encoding="utf-8") as handle:
-        json.dump({"global_step": global_step, "files": files}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, manifest)
-
-
-def checkpoint_is_complete(checkpoint_dir: str | Path) -> bool:
-    """True when the checkpoint's manifest exists and every file it lists is there with its size."""
-    checkpoint_dir = Path(checkpoint_dir)
-    try:
-        manifest = json.loads((checkpoint_dir / CHECKPOINT_MANIFEST).read_text(encoding="utf-8"))
-        state = json.loads((checkpoint_dir / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if state.get("global_step") != manifest.get("global_step"):
-        return False
-    for name, size in manifest.get("files", {}).items():
-        path = checkpoint_dir / name
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return True
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    suffix = path.name[len(PREFIX_CHECKPOINT_DIR) + 1 :]
-    return int(suffix) if path.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and suffix.isdigit() else None
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path, bool]]:
-    """(step, folder, complete) of every `checkpoint-N` folder, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(_checkpoint_step(path), path) for path in output_dir.iterdir() if path.is_dir()]
-    found = sorted((step, path) for step, path in found if step is not None)  # other folders: data_order, ...
-    return [(step, path, checkpoint_is_complete(path)) for step, path in found]
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    complete = [str(path) for _, path, is_complete in list_checkpoints(output_dir) if is_complete]
-    return complete[-1] if complete else None
-
-
-# --------------------------------------------------------------------------- run fingerprint
-# TrainingArguments fields that change the sequence of weights a run produces. Logging, saving,
-# evaluation cadence and paths may change between a run and its resumption; these may not.
-TRAJECTORY_FIELDS = (
-    "seed",
-    "data_seed",
-    "learning_rate",
-    "weight_decay",
-    "adam_beta1",
-    "adam_beta2",
-    "adam_epsilon",
-    "optim",
-    "optim_args",
-    "max_grad_norm",
-    "num_train_epochs",
-    "max_steps",
-    "lr_scheduler_type",
-    "lr_scheduler_kwargs",
-    "warmup_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "bf16",
-    "fp16",
-    "tf32",
-    "activation_checkpointing",
-    "label_smoothing_factor",
-    "dataloader_drop_last",
-    "train_sampling_strategy",
-    "average_tokens_across_devices",
-    "torch_compile",
-    "full_determinism",
-)
-# DataArguments fields that only change where or how fast the data is prepared.
-DATA_FIELDS_NOT_IN_FINGERPRINT = ("preprocessing_num_workers", "dataset_cache_dir")
-
-
-def _jsonable(value):
-    if isinstance(value, Enum):
-        return value.value
-    return json.loads(json.dumps(value, default=str))
-
-
-def run_fingerprint(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
-) -> dict[str, dict]:
-    """Everything that decides the run's trajectory, as plain JSON."""
-    data = {k: v for k, v in asdict(data_args).items() if k not in DATA_FIELDS_NOT_IN_FINGERPRINT}
-    training = {name: getattr(training_args, name) for name in TRAJECTORY_FIELDS if hasattr(training_args, name)}
-    training["world_size"] = training_args.world_size
-    return {"model": _jsonable(asdict(model_args)), "data": _jsonable(data), "training": _jsonable(training)}
-
-
-def check_output_dir(output_dir: str | Path, fingerprint: dict) -> None:
-    """Refuse an output folder whose checkpoints or model come from a run with other arguments (or
-    from no recorded `ddl train` run). A folder without checkpoints or model holds no work to protect."""
-    output_dir = Path(output_dir)
-    record = output_dir / RUN_ARGS_FILE
-    holds_work = bool(list_checkpoints(output_dir)) or (output_dir / "config.json").exists()
-    if not holds_work:
-        return
-    if record.is_file():
-        stored = json.loads(record.read_text(encoding="utf-8")).get("fingerprint", {})
-        differences = [
-            f"{group}.{name}: {stored.get(group, {}).get(name)!r} -> {fingerprint[group].get(name)!r}"
-            for group in fingerprint
-            for name in sorted(set(stored.get(group, {})) | set(fingerprint[group]))
-            if stored.get(group, {}).get(name) != fingerprint[group].get(name)
-        ]
-        if differences:
-            raise ValueError(
-                f"--output_dir {str(output_dir)!r} holds a run with different arguments, so it cannot be resumed: "
-                + "; ".join(differences)
-                + ". Use another --output_dir, or delete this one to start over."
-            )
-    else:
-        raise ValueError(
-            f"--output_dir {str(output_dir)!r} holds checkpoints or a model that `ddl train` did not record "
-            f"({RUN_ARGS_FILE} is missing); use another --output_dir"
-        )
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    staging = path.with_suffix(path.suffix + ".tmp")
-    staging.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(staging, path)
-
-
 # --------------------------------------------------------------------------- trainer
 class DDLTrainer(Trainer):
     """The HF Trainer with the paper's weight-decay groups, committed checkpoints, cumulative
-    wall time in every log (`elapsed_s`, kept across resumptions) and a per-process log of the
-    micro-batches trained on (`data_order/rank{R}.tsv`: optimizer step, hash of the input ids)."""
+    wall time in every log (`elapsed_s`, kept across resumptions) and, given `data_order_log`
+    (`run_files.data_order_log`), a log of the micro-batches this process trained on."""
 
-    def __init__(self, *args, data_order_dir: str | Path | None = None, **kwargs) -> None:
+    def __init__(self, *args, data_order_log: str | Path | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._data_order_path = (
-            Path(data_order_dir) / f"rank{self.args.process_index}.tsv" if data_order_dir is not None else None
-        )
+        self._data_order_log = Path(data_order_log) if data_order_log is not None else None
         self._elapsed_offset = 0.0
         self._session_start = time.perf_counter()
 
@@ -493,8 +363,8 @@ class DDLTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         self._elapsed_offset = 0.0
         if resume_from_checkpoint is not None:
-            state = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
-            elapsed = [entry["elapsed_s"] for entry in state.get("log_history", []) if "elapsed_s" in entry]
+            history = load_trainer_state(resume_from_checkpoint).log_history
+            elapsed = [entry["elapsed_s"] for entry in history if "elapsed_s" in entry]
             self._elapsed_offset = elapsed[-1] if elapsed else 0.0
         self._session_start = time.perf_counter()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
@@ -504,10 +374,8 @@ class DDLTrainer(Trainer):
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._data_order_path is not None:
-            digest = hashlib.sha1(inputs["input_ids"].detach().cpu().numpy().tobytes()).hexdigest()[:16]
-            with open(self._data_order_path, "a", encoding="utf-8") as handle:
-                handle.write(f"{self.state.global_step + 1}\t{digest}\n")
+        if self._data_order_log is not None:
+            append_data_order(self._data_order_log, self.state.global_step + 1, inputs["input_ids"])
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -527,14 +395,7 @@ class DDLTrainer(Trainer):
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, use_mtime=False)
 
 
-def truncate_data_order_log(path: Path, last_step: int) -> None:
-    """Keep the entries of steps <= last_step (the step a run resumes from; 0 for a fresh start)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    path.write_text("".join(line for line in lines if int(line.split("\t", 1)[0]) <= last_step), encoding="utf-8")
-
-
+# --------------------------------------------------------------------------- console
 def format_log_line(logs: dict, state, tokens_per_second: float | None) -> str | None:
     """One console line for a training or evaluation log, None for other logs."""
     step = f"step {state.global_step}/{state.max_steps}"
@@ -556,37 +417,13 @@ def format_log_line(logs: dict, state, tokens_per_second: float | None) -> str |
     return None
 
 
-class ConsoleProgressCallback(ProgressCallback):
-    """A progress bar (unless `disable_tqdm`) and one compact line per log on the main process."""
+class ConsoleLogCallback(TrainerCallback):
+    """One compact line per training or evaluation log on the main process (`format_log_line`), in
+    place of the raw log dicts of transformers' `PrinterCallback`; used with `--disable_tqdm`."""
 
-    def __init__(self, show_bar: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.show_bar = show_bar
-        self._previous: tuple[float, int] | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.show_bar:
-            super().on_train_begin(args, state, control, **kwargs)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.show_bar:
-            super().on_step_end(args, state, control, **kwargs)
-
-    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
-        if self.show_bar:
-            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        if self.show_bar:
-            super().on_evaluate(args, state, control, **kwargs)
-
-    def on_predict(self, args, state, control, **kwargs):
-        if self.show_bar:
-            super().on_predict(args, state, control, **kwargs)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.show_bar:
-            super().on_train_end(args, state, control, **kwargs)
+        self._previous: tuple[float, int] | None = None  # (elapsed_s, tokens seen) of the last training log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -598,12 +435,22 @@ class ConsoleProgressCallback(ProgressCallback):
                 rate = (now[1] - self._previous[1]) / (now[0] - self._previous[0])
             self._previous = now
         line = format_log_line(logs, state, rate)
-        if line is None:
-            return
+        if line is not None:
+            self.write_line(line)
+
+    def write_line(self, line: str) -> None:
+        print(line, flush=True)
+
+
+class ConsoleProgressCallback(ConsoleLogCallback, ProgressCallback):
+    """transformers' progress bar, with `ConsoleLogCallback`'s lines written above it (in place of
+    the raw log dicts `ProgressCallback.on_log` writes)."""
+
+    def write_line(self, line: str) -> None:
         if self.training_bar is not None:
-            self.training_bar.write(line)
+            self.training_bar.write(line)  # printing would tear the bar
         else:
-            print(line, flush=True)
+            super().write_line(line)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -613,26 +460,14 @@ def _perplexity(loss: float) -> float:
 
 def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "") -> None:
     """Training and validation loss against optimizer steps, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
     evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    if train:
-        axes.plot(*zip(*train), label="train loss", linewidth=1.2)
-    if evaluation:
-        axes.plot(*zip(*evaluation), "o-", label="validation loss", linewidth=1.2, markersize=3)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("cross-entropy (nats/token)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    with png_figure(path, figsize=(7, 4.5)) as (_, axes):
+        if train:
+            axes.plot(*zip(*train), label="train loss", linewidth=1.2)
+        if evaluation:
+            axes.plot(*zip(*evaluation), "o-", label="validation loss", linewidth=1.2, markersize=3)
+        label_axes(axes, "optimizer step", "cross-entropy (nats/token)", title)
 
 
 def _final_metrics(trainer: DDLTrainer, config: DDLConfig, block_size: int, eval_metrics: dict, job_start: float):
@@ -666,6 +501,127 @@ def _final_metrics(trainer: DDLTrainer, config: DDLConfig, block_size: int, eval
 
 
 # --------------------------------------------------------------------------- the run
+@dataclass
+class ResumePoint:
+    """Where a run starts: the committed checkpoint it resumes from (None: a fresh start) at `step`."""
+
+    checkpoint: str | None = None
+    step: int = 0
+    # The checkpoint already reached max_steps: only the final save and evaluation remain, because the
+    # Trainer, resumed at its last step, would train one step more.
+    finished: bool = False
+
+
+def build_tokenizer_and_config(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> tuple[PreTrainedTokenizerBase, DDLConfig, int]:
+    """The tokenizer, the model configuration that fits it, and the block size that fits the model.
+    The main process builds the tokenizer first: the built-in BPE is trained once and cached."""
+    with training_args.main_process_first(local=False, desc="tokenizer"):
+        tokenizer = build_tokenizer(model_args)
+    config = build_config(model_args, tokenizer)
+    block_size = resolve_block_size(data_args, config)
+    tokenizer.model_max_length = config.max_position_embeddings
+    return tokenizer, config, block_size
+
+
+def build_datasets(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, block_size: int, training_args: TrainingArguments
+) -> LMDatasets:
+    """The packed training and validation blocks; the main process fills the datasets caches first."""
+    datasets = build_lm_datasets(
+        data_args, tokenizer, block_size, lambda: training_args.main_process_first(local=False, desc="data")
+    )
+    if training_args.max_steps <= 0 and not hasattr(datasets.train, "__len__"):
+        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs with")
+    return datasets
+
+
+def prepare_output_dir(
+    output_dir: Path, training_args: TrainingArguments, fingerprint: dict, data_stats: dict
+) -> ResumePoint:
+    """Create the output folder, delete the checkpoints whose save was interrupted, record the run's
+    arguments, and find where to start: `--resume_from_checkpoint`, else the newest committed checkpoint."""
+    with training_args.main_process_first(local=False, desc="checkpoints"):
+        if training_args.should_save:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            remove_interrupted_checkpoints(output_dir)
+            write_run_record(output_dir, fingerprint, data_stats)
+        checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return ResumePoint()
+    if not checkpoint_is_complete(checkpoint):
+        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a complete checkpoint")
+    step = load_trainer_state(checkpoint).global_step
+    return ResumePoint(checkpoint, step, finished=0 < training_args.max_steps <= step)
+
+
+def build_trainer(
+    model_args: ModelArguments,
+    config: DDLConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    datasets: LMDatasets,
+    training_args: TrainingArguments,
+    resume: ResumePoint,
+    callbacks: list[TrainerCallback] | None,
+) -> DDLTrainer:
+    """The model (fresh, the one to fine-tune, or a finished run's last checkpoint) in a `DDLTrainer`
+    that prints compact log lines, with this process's data-order log cut back to the resumed step."""
+    if resume.finished:
+        model = AutoModelForCausalLM.from_pretrained(resume.checkpoint, dtype=torch.float32)
+    else:
+        model = build_model(model_args, config, training_args.seed)
+    data_order = data_order_log(training_args.output_dir, training_args.process_index)
+    data_order.parent.mkdir(parents=True, exist_ok=True)
+    truncate_data_order_log(data_order, resume.step)
+    trainer = DDLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.validation,
+        data_collator=collate_blocks,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        data_order_log=data_order,
+    )
+    # The Trainer's own console callbacks print raw log dicts; ours print one line per log.
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(ConsoleLogCallback() if training_args.disable_tqdm else ConsoleProgressCallback())
+    return trainer
+
+
+def train_and_save(trainer: DDLTrainer, resume: ResumePoint, output_dir: Path) -> None:
+    """Train from `resume` (a finished run only gets its Trainer state back), then save the final
+    model, tokenizer and `trainer_state.json` into `output_dir`."""
+    if resume.finished:
+        trainer.state = load_trainer_state(resume.checkpoint)
+    else:
+        trainer.train(resume_from_checkpoint=resume.checkpoint)
+    trainer.save_model(str(output_dir))
+    trainer.save_state()
+
+
+def finalize_run(trainer: DDLTrainer, config: DDLConfig, block_size: int, output_dir: Path, job_start: float) -> dict:
+    """The final validation loss (the last periodic evaluation when it was at the last step, else a
+    new one), then `metrics.json`, `loss_curve.png` and the model card."""
+    last_eval = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+    if last_eval is not None and last_eval["step"] == trainer.state.global_step:
+        eval_metrics = {key: value for key, value in last_eval.items() if key.startswith("eval_")}
+    else:
+        eval_metrics = trainer.evaluate()
+        trainer.save_state()
+    metrics = _final_metrics(trainer, config, block_size, eval_metrics, job_start)
+    if trainer.args.should_save:
+        write_json(output_dir / METRICS_FILE, metrics)
+        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE, title=f"{config.variant_name}")
+        from .models.ddl.model_card import write_model_card
+
+        write_model_card(output_dir, trainer.model, metrics)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
+
+
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
@@ -681,85 +637,21 @@ def run_training(
     output_dir = Path(training_args.output_dir)
     fingerprint = run_fingerprint(model_args, data_args, training_args)
     check_output_dir(output_dir, fingerprint)
-
-    with training_args.main_process_first(local=False, desc="tokenizer"):
-        tokenizer = build_tokenizer(model_args)
-    config = build_config(model_args, tokenizer)
-    block_size = resolve_block_size(data_args, config)
-    tokenizer.model_max_length = config.max_position_embeddings
-    datasets = build_lm_datasets(
-        data_args, tokenizer, block_size, lambda: training_args.main_process_first(local=False, desc="data")
-    )
-    if training_args.max_steps <= 0 and not hasattr(datasets.train, "__len__"):
-        raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs with")
-
-    with training_args.main_process_first(local=False, desc="checkpoints"):
-        if training_args.should_save:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            for _, path, complete in list_checkpoints(output_dir):
-                if not complete:
-                    logger.warning("removing %s: its save was interrupted (no complete manifest)", path)
-                    shutil.rmtree(path)
-            _write_json(output_dir / RUN_ARGS_FILE, {"fingerprint": fingerprint, "data": datasets.stats})
-        checkpoint = training_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
-    if checkpoint is not None and not checkpoint_is_complete(checkpoint):
-        raise ValueError(f"--resume_from_checkpoint {checkpoint!r} is not a complete checkpoint")
-    resumed_step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
-    # A run that already reached max_steps only needs its final save and evaluation; the Trainer,
-    # resumed at its last step, would train one step more.
-    finished = checkpoint is not None and 0 < training_args.max_steps <= resumed_step
-    if finished:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    else:
-        model = build_model(model_args, config, training_args.seed)
-    data_order_dir = output_dir / DATA_ORDER_DIR
-    data_order_dir.mkdir(parents=True, exist_ok=True)
-    truncate_data_order_log(data_order_dir / f"rank{training_args.process_index}.tsv", resumed_step)
-
-    trainer = DDLTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=datasets.train,
-        eval_dataset=datasets.validation,
-        data_collator=collate_blocks,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        data_order_dir=data_order_dir,
-    )
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(ConsoleProgressCallback(show_bar=not training_args.disable_tqdm))
-    if checkpoint is not None:
-        logger.info("resuming from %s (step %d)", checkpoint, resumed_step)
+    tokenizer, config, block_size = build_tokenizer_and_config(model_args, data_args, training_args)
+    datasets = build_datasets(data_args, tokenizer, block_size, training_args)
+    resume = prepare_output_dir(output_dir, training_args, fingerprint, datasets.stats)
+    trainer = build_trainer(model_args, config, tokenizer, datasets, training_args, resume, callbacks)
+    if resume.checkpoint is not None:
+        logger.info("resuming from %s (step %d)", resume.checkpoint, resume.step)
     logger.info(
         "training a %s model (%s parameters) on %s: %s",
         config.variant_name,
-        f"{sum(p.numel() for p in model.parameters()):,}",
+        f"{sum(p.numel() for p in trainer.model.parameters()):,}",
         datasets.source,
         json.dumps(datasets.stats),
     )
-    if finished:
-        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    else:
-        trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.save_model(str(output_dir))
-    trainer.save_state()
-
-    last_eval = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-    if last_eval is not None and last_eval["step"] == trainer.state.global_step:
-        eval_metrics = {key: value for key, value in last_eval.items() if key.startswith("eval_")}
-    else:
-        eval_metrics = trainer.evaluate()
-        trainer.save_state()
-    metrics = _final_metrics(trainer, config, block_size, eval_metrics, job_start)
-    if training_args.should_save:
-        _write_json(output_dir / METRICS_FILE, metrics)
-        plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE, title=f"{config.variant_name}")
-        from .models.ddl.model_card import write_model_card
-
-        write_model_card(output_dir, trainer.model, metrics)
-    trainer.accelerator.wait_for_everyone()
-    return metrics
+    train_and_save(trainer, resume, output_dir)
+    return finalize_run(trainer, config, block_size, output_dir, job_start)
 
 
 def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int, seed: int) -> str:
@@ -782,21 +674,14 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int, see
     return tokenizer.decode(output[0], skip_special_tokens=False)
 
 
+@reports_input_errors("train")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        model_args, data_args, training_args = parse_args(argv)
-    except ValueError as error:
-        print(f"ddl train: error: {error}", file=sys.stderr)
-        return 2
+    model_args, data_args, training_args = parse_args(argv)
     is_main = training_args.process_index == 0
     logging.basicConfig(format="%(message)s", level=logging.INFO if is_main else logging.WARNING)
     transformers_logging.disable_progress_bar()  # per-file save/load bars; the training bar stays
-    try:
-        metrics = run_training(model_args, data_args, training_args)
-    except ValueError as error:
-        print(f"ddl train: error: {error}", file=sys.stderr)
-        return 2
+    metrics = run_training(model_args, data_args, training_args)
     if is_main:
         print(
             f"\nfinal validation loss {metrics['eval_loss']:.4f} | perplexity {metrics['perplexity']:.2f} | "
@@ -822,7 +707,5 @@ __all__ = [
     "parse_args",
     "run_training",
     "no_weight_decay_parameter_names",
-    "last_complete_checkpoint",
-    "checkpoint_is_complete",
     "main",
 ]
