@@ -162,7 +162,8 @@ def test_precision_friendly_direction_equals_guarded_normalization():
     via_rms_norm = F.rms_norm(h, (d,), eps=EPS**2 / d) / math.sqrt(d)
     guarded = h / torch.sqrt(h.square().sum(-1, keepdim=True) + EPS**2)
     torch.testing.assert_close(via_rms_norm, guarded, rtol=1e-12, atol=0)
-    torch.testing.assert_close(unit_direction(h, EPS), guarded.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(unit_direction(h.float(), EPS), guarded.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(unit_direction(h, EPS), guarded, rtol=1e-12, atol=0)  # float64 stays float64
     norms = guarded.norm(dim=-1)
     assert norms[0] < 0.1 and abs(norms[-1] - 1.0) < 1e-12  # the guard bites only below eps
 

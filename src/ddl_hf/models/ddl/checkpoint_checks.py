@@ -73,15 +73,20 @@ def weights_source(pretrained_model_name_or_path, subfolder: str = "") -> str:
     return f"checkpoint {str(pretrained_model_name_or_path)!r}"
 
 
-def loading_problems(loading_info: dict, allow_mismatched: bool, shown: int = 8) -> list[str]:
-    """Human-readable lines for every weight the checkpoint failed to provide exactly."""
+def loading_problems(
+    loading_info: dict, allow_mismatched: bool, allowed_missing_prefixes: tuple[str, ...] = (), shown: int = 8
+) -> list[str]:
+    """Human-readable lines for every weight the checkpoint failed to provide exactly; missing weights whose
+    names start with one of `allowed_missing_prefixes` (a task head) are not problems."""
 
     def listing(keys: list[str]) -> str:
         more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
         return ", ".join(keys[:shown]) + more
 
     problems = []
-    missing = sorted(loading_info.get("missing_keys", ()))
+    missing = sorted(
+        key for key in loading_info.get("missing_keys", ()) if not key.startswith(allowed_missing_prefixes)
+    )
     if missing:
         problems.append(f"{len(missing)} weight(s) missing from the file: {listing(missing)}")
     unexpected = sorted(loading_info.get("unexpected_keys", ()))

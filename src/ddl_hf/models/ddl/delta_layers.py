@@ -21,7 +21,15 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
-from .delta_ops import channel_compress, channel_read_after_write, delta_update, token_compress, token_conv, upcast
+from .delta_ops import (
+    channel_compress,
+    channel_compress_after_write,
+    channel_read_after_write,
+    delta_update,
+    token_compress,
+    token_conv,
+    upcast,
+)
 
 
 # --------------------------------------------------------------------------- Delta shortcut
@@ -197,7 +205,7 @@ class DeltaShortcut(nn.Module):
             new_state = self(state, h, context, block_input)
             return new_state, compressor(new_state, cache, slot, padding_mask)
         new_state, write = self(state, h, context, block_input, return_write=True)
-        return new_state, compressor.read_after_write(block_input, h, write)
+        return new_state, compressor.read_after_write(block_input, h, write, new_state)
 
     def extra_repr(self) -> str:
         return (
@@ -261,9 +269,13 @@ def _token_filters(channels: int, conv_size: int) -> nn.Parameter:
 
 
 def _identity_causal_filter(weight: torch.Tensor) -> None:
-    """Filters (C, 1, K) that pass the current token through: last tap 1, others 0."""
-    identity = torch.zeros_like(weight)
-    identity[..., -1] = 1.0
+    """Filters (C, 1, K) that pass the current token through: last tap 1, others 0.
+
+    Built from ops that DTensors shard (a slice, `ones_like`, a left pad) and copied whole: an
+    indexed assignment is `fill_.Tensor`, which FSDP2's sharded parameters refuse (meta-device
+    init, `to_empty`, `init_weights()`).
+    """
+    identity = F.pad(torch.ones_like(weight[..., -1:]), (weight.shape[-1] - 1, 0))
     init.copy_(weight, identity)
 
 
@@ -326,15 +338,22 @@ class StateCompressor(nn.Module):
         matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
         return channel_compress(matrix, self.read_weight, use_fast_path=self.use_fast_path)
 
-    def read_after_write(self, read: torch.Tensor, h: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
-        """The channel compressor's read of `state + h write^T` from its read of `state`, without the state.
+    def read_after_write(
+        self, read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, new_state: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The channel compressor's read of `state + h write^T` from its read of `state`.
 
         `sum_j W[i, j] (X[i, j] + h[i] w[j]) = read[i] + h[i] (W w)[i]`: `read` (..., d), `h` (..., d),
-        `write` (..., d_v) -> (..., d), in `read.dtype`. Only the channel compressor is linear per token.
+        `write` (..., d_v) -> (..., d), in `read.dtype`; the fast path does not touch the new state.
+        Given `new_state` (..., d * d_v), the reference path reads it instead (the plain definition).
+        Only the channel compressor is linear per token.
         """
         if self.conv_weight is not None:
             raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
-        return channel_read_after_write(read, h, write, self.read_weight, use_fast_path=self.use_fast_path)
+        if new_state is None:
+            return channel_read_after_write(read, h, write, self.read_weight, use_fast_path=self.use_fast_path)
+        matrix = new_state.unflatten(-1, (self.hidden_size, self.value_channels))
+        return channel_compress_after_write(matrix, read, h, write, self.read_weight, use_fast_path=self.use_fast_path)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"

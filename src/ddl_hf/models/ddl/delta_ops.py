@@ -411,6 +411,25 @@ def channel_read_after_write(
     return _ChannelReadAfterWrite.apply(*flat, read_weight).view(read.shape)
 
 
+def channel_compress_after_write(
+    new_matrix: torch.Tensor,
+    read: torch.Tensor,
+    h: torch.Tensor,
+    write: torch.Tensor,
+    read_weight: torch.Tensor,
+    use_fast_path: bool = True,
+) -> torch.Tensor:
+    """The channel compressor's read of the new state X' = X + h w^T, given its read of X.
+
+    `new_matrix` X' (..., d, d_v), `read` (..., d), `h` (..., d), `write` (..., d_v), `read_weight`
+    W (d, d_v) -> (..., d) in `read.dtype`. The reference compresses X' (`channel_compress_reference`);
+    the fast path never touches X' (`channel_read_after_write`), so nothing keeps X' for backward.
+    """
+    if not _fast(use_fast_path):
+        return channel_compress_reference(new_matrix, read_weight).to(read.dtype)
+    return channel_read_after_write(read, h, write, read_weight)
+
+
 # --------------------------------------------------------------------------- token convolutions
 def token_conv_reference(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
     """Plain reference of `token_conv`: pad, transpose to (B, C, T) and run `F.conv1d`."""
@@ -509,6 +528,7 @@ __all__ = [
     "channel_compress",
     "channel_read_after_write_reference",
     "channel_read_after_write",
+    "channel_compress_after_write",
     "token_conv_reference",
     "token_conv",
     "token_compress_reference",

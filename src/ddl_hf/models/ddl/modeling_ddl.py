@@ -377,22 +377,37 @@ class DDLPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained` that refuses a checkpoint which does not fill the model exactly.
+        """`PreTrainedModel.from_pretrained` that refuses a checkpoint which would leave the model silently wrong.
 
-        transformers only logs missing, unexpected or re-initialized weights, which leaves a silently
-        half-trained model. Here any of them raises a `ValueError` naming the weights file and listing
-        the keys (`ignore_mismatched_sizes=True` still re-initializes shape-mismatched weights when asked
-        for), and a truncated or corrupt safetensors file raises a `ValueError` naming that file.
+        The rule: every weight of the DDL backbone (`model.*`: embeddings, blocks, gates, compressors, norms)
+        must come from the file with its shape. A missing backbone weight, an unexpected one or a shape
+        mismatch raises a `ValueError` naming the weights file and listing the keys, since the config and the
+        weights then disagree. A task head that the checkpoint does not have (loading a `DDLModel` folder
+        into `DDLForCausalLM` with untied embeddings, or any checkpoint into a classification head) is
+        initialized and reported by transformers, as for every model. `output_loading_info=True` returns
+        `(model, loading_info)` without raising, for callers who inspect the keys themselves;
+        `ignore_mismatched_sizes=True` re-initializes shape-mismatched weights as in transformers. A truncated
+        or corrupt safetensors file raises a `ValueError` naming that file before anything is loaded.
         """
         wants_loading_info = kwargs.pop("output_loading_info", False)
         allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         subfolder = kwargs.get("subfolder", "")
         check_safetensors_files(pretrained_model_name_or_path, subfolder)
-        # Mismatched shapes are let through here so that the error below can list them.
+        # Unless the caller takes the loading info, mismatched shapes are let through so that the error below
+        # can list them.
         model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=allow_mismatched or not wants_loading_info,
+            **kwargs,
         )
-        problems = loading_problems(loading_info, allow_mismatched)
+        align_cpu_tensors(model)
+        if wants_loading_info:
+            return model, loading_info
+        head_prefixes = () if model.base_model is model else tuple(f"{name}." for name, _ in model.named_children())
+        head_prefixes = tuple(prefix for prefix in head_prefixes if prefix != f"{cls.base_model_prefix}.")
+        problems = loading_problems(loading_info, allow_mismatched, allowed_missing_prefixes=head_prefixes)
         if problems:
             source = weights_source(pretrained_model_name_or_path, subfolder)
             raise ValueError(
@@ -402,8 +417,7 @@ class DDLPreTrainedModel(PreTrainedModel):
                 + ". Refusing to return a partly initialized model: config.json and the weights must come from "
                 "the same save_pretrained call."
             )
-        align_cpu_tensors(model)
-        return (model, loading_info) if wants_loading_info else model
+        return model
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus a README.md model card (`model_card.write_model_card`:
