@@ -19,3 +19,84 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# --------------------------------------------------------------------------- builders shared by the test files
+# Plain functions, imported as `from conftest import tiny_model, ...`: pytest's default "prepend" import mode puts
+# this folder (it has no __init__.py) on sys.path, and the module it imports as `conftest` is this one.
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from ddl_hf import DDLConfig, DDLForCausalLM  # noqa: E402
+
+TINY_VOCAB = DDLConfig.from_preset("tiny", "baseline").vocab_size
+
+
+def tiny_model(variant: str = "ddl-cc", *, seed: int | None = 0, **overrides) -> DDLForCausalLM:
+    """A tiny-preset model as constructed (training mode), built right after `torch.manual_seed(seed)`
+    (`seed=None`: from the global RNG as it is); `overrides` go to `DDLConfig.from_preset`."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return DDLForCausalLM(DDLConfig.from_preset("tiny", variant, **overrides))
+
+
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
+    if seed is not None and generator is not None:
+        raise TypeError("pass a seed or a generator, not both")
+    return generator if seed is None else torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def perturb(
+    model: torch.nn.Module,
+    scale: float,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    filter_scale: float | None = None,
+) -> torch.nn.Module:
+    """Moves every parameter off its initialization by `scale` times N(0, 1) noise (`filter_scale`, when given,
+    for the token filters and compressor reads: `conv_weight` and `read_weight`), drawn parameter by parameter
+    from a new generator seeded with `seed`, from `generator`, or from the global RNG. Returns the model."""
+    generator = _generator(seed, generator)
+    for name, parameter in model.named_parameters():
+        wide = filter_scale is not None and ("conv_weight" in name or "read_weight" in name)
+        parameter.add_(torch.randn(parameter.shape, generator=generator) * (filter_scale if wide else scale))
+    return model
+
+
+def random_tokens(
+    batch: int, length: int, *, seed: int | None = None, generator: torch.Generator | None = None, low: int = 0
+) -> torch.Tensor:
+    """(batch, length) token ids, uniform in [low, TINY_VOCAB), from a new generator seeded with `seed`, from
+    `generator`, or from the global RNG."""
+    return torch.randint(low, TINY_VOCAB, (batch, length), generator=_generator(seed, generator))
+
+
+def write_jsonl(path, texts, column: str = "text", with_id: bool = False) -> str:
+    """One JSON object a line: each text under `column`, and with `with_id` an "id" field (the text's length)
+    beside it. Returns the path as a string."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for text in texts:
+            handle.write(json.dumps({column: text, "id": len(text)} if with_id else {column: text}) + "\n")
+    return str(path)
+
+
+def offline_env(**changes: str | None) -> dict[str, str]:
+    """The environment for a child process: this one's, offline, with `changes` (a None value removes a variable)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **changes}
+    return {name: value for name, value in env.items() if value is not None}
+
+
+def run_fresh_python(script: str, *args, cwd, modules_cache, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `python -c script *args` in a fresh offline process without PYTHONPATH; the code that
+    `trust_remote_code=True` copies lands in `modules_cache`, not in the user's cache."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=cwd,
+        env=offline_env(HF_MODULES_CACHE=str(modules_cache), PYTHONPATH=None),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -6,16 +6,13 @@ import math
 import pytest
 import torch
 
-from ddl_hf import DDLConfig, DDLForCausalLM, DeltaShortcut, record_delta_stats
+from conftest import tiny_model
+from ddl_hf import DDLForCausalLM, DeltaShortcut, record_delta_stats
 from ddl_hf.delta_stats import BETA_REGIMES, DeltaStatsRecorder
 
 # One beta per (layer, sublayer) of the tiny model, one in each regime.
 FIXED_BETAS = {(0, "attention"): 0.05, (0, "mlp"): 0.5, (1, "attention"): 1.0, (1, "mlp"): 1.5}
 FIXED_REGIMES = {(0, "attention"): "skip", (0, "mlp"): "partial", (1, "attention"): "match", (1, "mlp"): "over_relaxed"}
-
-
-def tiny_model(variant: str = "ddl-cc") -> DDLForCausalLM:
-    return DDLForCausalLM(DDLConfig.from_preset("tiny", variant)).eval()
 
 
 def fix_gates(model: DDLForCausalLM) -> None:
@@ -72,7 +69,7 @@ def by_key(summary):
 
 @pytest.mark.parametrize("variant", ["ddl-cc", "ddl-scalar", "write-only-cc", "ddl-tc"])
 def test_statistics_equal_direct_computation(variant):
-    model = tiny_model(variant)
+    model = tiny_model(variant).eval()
     input_ids = torch.randint(0, 96, (3, 12))
     attention_mask = torch.ones(3, 12, dtype=torch.long)
     attention_mask[1, :5] = 0  # left padding
@@ -108,7 +105,7 @@ def test_statistics_equal_direct_computation(variant):
 
 
 def test_fixed_gates_give_known_regimes_and_contraction():
-    model = tiny_model("ddl-cc")
+    model = tiny_model("ddl-cc").eval()
     fix_gates(model)
     input_ids = torch.randint(0, 96, (2, 16))
     with record_delta_stats(model) as stats:
@@ -130,7 +127,7 @@ def test_fixed_gates_give_known_regimes_and_contraction():
 
 
 def test_recording_is_detached_and_changes_nothing():
-    model = tiny_model("ddl-cc")
+    model = tiny_model("ddl-cc").eval()
     input_ids = torch.randint(0, 96, (2, 10))
     with torch.no_grad():
         plain = model(input_ids).logits
@@ -147,7 +144,7 @@ def test_recording_is_detached_and_changes_nothing():
 
 
 def test_identity_of_shortcuts():
-    model = tiny_model("ddl-cc")
+    model = tiny_model("ddl-cc").eval()
     names = [(entry["name"], entry["layer"], entry["sublayer"]) for entry in _empty_summary(model)]
     assert names == [
         ("model.layers.0.attn_shortcut", 0, "attention"),
@@ -165,9 +162,9 @@ def _empty_summary(model):
 
 def test_errors():
     with pytest.raises(ValueError, match="no DeltaShortcut"):
-        with record_delta_stats(tiny_model("baseline")):
+        with record_delta_stats(tiny_model("baseline").eval()):
             pass
-    model = tiny_model("ddl-cc")
+    model = tiny_model("ddl-cc", seed=None).eval()
     with record_delta_stats(model):
         with pytest.raises(ValueError, match="nested recording"):
             with record_delta_stats(model):
@@ -201,9 +198,7 @@ def saved_models(tmp_path_factory):
     tokenizer = train_bpe_tokenizer([VALIDATION_TEXT], vocab_size=300, model_max_length=128)
     folders = {}
     for variant in ("ddl-cc", "baseline"):
-        torch.manual_seed(0)
-        config = DDLConfig.from_preset("tiny", variant, vocab_size=len(tokenizer))
-        model = DDLForCausalLM(config).eval()
+        model = tiny_model(variant, vocab_size=len(tokenizer)).eval()
         if variant == "ddl-cc":
             fix_gates(model)
         folders[variant] = root / variant

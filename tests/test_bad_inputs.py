@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddl_hf import DDLConfig, DDLForCausalLM, DDLModel
+from conftest import random_tokens, tiny_model
+from ddl_hf import DDLConfig, DDLModel
 
 VOCAB = 96
 
 
 @pytest.fixture(scope="module", params=["ddl-tc", "baseline"])
 def model(request):
-    torch.manual_seed(0)
-    return DDLForCausalLM(DDLConfig.from_preset("tiny", request.param)).eval()
+    return tiny_model(request.param).eval()
 
 
 @pytest.fixture
 def ids():
-    return torch.randint(0, VOCAB, (2, 6))
+    return random_tokens(2, 6)
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,7 @@ def report(tmp_path_factory):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_report_structure(report):
     config, results = report["config"], report["results"]
     assert config["variants"] == ["baseline", "write-only-cc", "ddl-cc"]
@@ -47,6 +48,7 @@ def test_report_structure(report):
         assert entry["decode_tokens_per_s"] == entry["decode_batch_2_tokens_per_s"]  # the largest decode batch
 
 
+@pytest.mark.slow
 def test_ratios_are_figures_over_the_baseline(report):
     results = report["results"]
     baseline = results["baseline"]
@@ -56,6 +58,7 @@ def test_ratios_are_figures_over_the_baseline(report):
     assert all(baseline[ratio] == 1.0 for ratio in FIGURES.values())
 
 
+@pytest.mark.slow
 def test_activation_bytes_follow_what_each_variant_keeps(report):
     """Counted exactly: the d_v = 4 state is larger than the vector stream, and the write-only update
     does not keep its state for backward (it never reads it), so it saves less than DDL."""
@@ -64,6 +67,7 @@ def test_activation_bytes_follow_what_each_variant_keeps(report):
     assert results["write-only-cc"]["activation_bytes"] > results["baseline"]["activation_bytes"]
 
 
+@pytest.mark.slow
 def test_table_lists_every_variant_with_its_ratios(report):
     table = bench.format_table(report)
     lines = table.splitlines()

@@ -1,6 +1,5 @@
 """Data pipeline of `ddl train`: sources, EOS-separated packing, caching, validation split."""
 
-import json
 import sysconfig
 from itertools import chain
 from pathlib import Path
@@ -10,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import write_jsonl
 from ddl_hf.data import (
     BUILTIN_EXCLUDED_DIRS,
     DataArguments,
@@ -45,13 +45,6 @@ def expected_stream(tokenizer, texts):
 def blocks_of(stream, block_size=BLOCK):
     usable = len(stream) - len(stream) % block_size
     return [stream[i : i + block_size] for i in range(0, usable, block_size)]
-
-
-def write_jsonl(path, texts, column="text"):
-    with open(path, "w", encoding="utf-8") as handle:
-        for text in texts:
-            handle.write(json.dumps({column: text, "id": len(text)}) + "\n")
-    return str(path)
 
 
 def rows(dataset):
@@ -90,7 +83,7 @@ def test_local_files_pack_documents_with_eos_between_them(tmp_path, documents, t
     for split, texts in (("train", train_texts), ("validation", validation_texts)):
         path = tmp_path / f"{split}.{fmt}"
         if fmt in ("jsonl", "json"):
-            write_jsonl(path, texts)
+            write_jsonl(path, texts, with_id=True)
         elif fmt == "parquet":
             pq.write_table(pa.table({"text": texts}), path)
         else:
@@ -127,7 +120,7 @@ def test_txt_paragraphs_are_documents(tmp_path, documents, tokenizer):
 
 
 def test_tokenized_and_packed_data_is_cached(tmp_path, documents, tokenizer):
-    train = write_jsonl(tmp_path / "train.jsonl", documents)
+    train = write_jsonl(tmp_path / "train.jsonl", documents, with_id=True)
     args = DataArguments(train_file=train, block_size=BLOCK, dataset_cache_dir=str(tmp_path / "cache"))
     first = build_lm_datasets(args, tokenizer, BLOCK)
     files = sorted({f["filename"] for f in first.train.cache_files})
@@ -141,7 +134,7 @@ def test_tokenized_and_packed_data_is_cached(tmp_path, documents, tokenizer):
 
 
 def test_validation_blocks_are_held_out_deterministically(tmp_path, documents, tokenizer):
-    train = write_jsonl(tmp_path / "train.jsonl", documents)
+    train = write_jsonl(tmp_path / "train.jsonl", documents, with_id=True)
     args = DataArguments(
         train_file=train,
         block_size=BLOCK,
@@ -172,7 +165,7 @@ def test_validation_blocks_are_held_out_deterministically(tmp_path, documents, t
 
 
 def test_streaming_holds_out_the_first_blocks(tmp_path, documents, tokenizer):
-    train = write_jsonl(tmp_path / "train.jsonl", documents)
+    train = write_jsonl(tmp_path / "train.jsonl", documents, with_id=True)
     args = DataArguments(train_file=train, streaming=True, block_size=BLOCK, max_eval_samples=4)
     lm = build_lm_datasets(args, tokenizer, BLOCK)
     stream = expected_stream(tokenizer, documents)
@@ -184,8 +177,8 @@ def test_streaming_holds_out_the_first_blocks(tmp_path, documents, tokenizer):
 def test_dataset_by_name_uses_its_validation_split(tmp_path, documents, tokenizer):
     folder = tmp_path / "my_dataset"
     folder.mkdir()
-    write_jsonl(folder / "train.jsonl", documents[:8], column="content")
-    write_jsonl(folder / "validation.jsonl", documents[8:], column="content")
+    write_jsonl(folder / "train.jsonl", documents[:8], column="content", with_id=True)
+    write_jsonl(folder / "validation.jsonl", documents[8:], column="content", with_id=True)
     args = DataArguments(
         dataset_name=str(folder),
         text_column="content",
@@ -213,7 +206,7 @@ def test_dataset_by_name_uses_its_validation_split(tmp_path, documents, tokenize
 )
 def test_bad_data_is_reported_by_name(tmp_path, documents, tokenizer, case, message):
     train = tmp_path / "train.jsonl"
-    write_jsonl(train, documents[:3])
+    write_jsonl(train, documents[:3], with_id=True)
     kwargs = dict(train_file=str(train), block_size=BLOCK, dataset_cache_dir=str(tmp_path / "cache"))
     block = BLOCK
     if case == "missing":
@@ -221,14 +214,14 @@ def test_bad_data_is_reported_by_name(tmp_path, documents, tokenizer, case, mess
     elif case == "empty":
         train.write_text("")
     elif case == "blank":
-        write_jsonl(train, ["", ""])
+        write_jsonl(train, ["", ""], with_id=True)
     elif case == "column":
         kwargs["text_column"] = "body"
     elif case == "extension":
         (tmp_path / "train.csv").write_text("text\nabc\n")
         kwargs["train_file"] = str(tmp_path / "train.csv")
     elif case == "tiny":
-        write_jsonl(train, ["a b"])
+        write_jsonl(train, ["a b"], with_id=True)
         block = kwargs["block_size"] = 64
     elif case == "dataset":
         kwargs = dict(dataset_name=str(tmp_path / "no_such_dataset"), block_size=BLOCK)

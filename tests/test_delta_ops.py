@@ -9,6 +9,7 @@ to the references, so whole models are compared too.
 import pytest
 import torch
 
+from conftest import perturb, tiny_model
 from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM, DeltaShortcut, StateCompressor
 from ddl_hf.models.ddl.delta_ops import (
     channel_compress,
@@ -367,16 +368,7 @@ def test_reference_paths_switches_and_restores():
 
 
 # --------------------------------------------------------------------------- whole models
-def perturbed_model(variant: str) -> DDLForCausalLM:
-    """A tiny model whose gates, values and compressors are moved off their (symmetric) init."""
-    torch.manual_seed(0)
-    model = DDLForCausalLM(DDLConfig.from_preset("tiny", variant))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model
-
-
+# `perturb` moves the gates, values and compressors of the models below off their (symmetric) init.
 def logits_and_grads(model, input_ids, attention_mask):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
@@ -387,7 +379,7 @@ def logits_and_grads(model, input_ids, attention_mask):
 
 @pytest.mark.parametrize("variant", sorted(PRESET_VARIANTS))
 def test_model_logits_and_gradients_equal_the_reference_paths(variant):
-    model = perturbed_model(variant)
+    model = perturb(tiny_model(variant), 0.05)
     input_ids = torch.randint(0, model.config.vocab_size, (3, 12))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, :4] = 0  # a left-padded row exercises the masked token convolutions
@@ -402,9 +394,48 @@ def test_model_logits_and_gradients_equal_the_reference_paths(variant):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-4 * scale + 1e-8, msg=name)
 
 
+@pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"])
+def test_use_fast_path_false_in_the_config_runs_the_reference_paths(variant):
+    """`DDLConfig.use_fast_path=False` reaches every Delta module and gives, bit for bit, what
+    `reference_paths()` gives; the fast model agrees with both to float rounding."""
+    fast_model = perturb(tiny_model(variant), 0.05)
+    reference_model = DDLForCausalLM(DDLConfig.from_preset("tiny", variant, use_fast_path=False))
+    reference_model.load_state_dict(fast_model.state_dict())
+    flags = [m.use_fast_path for m in reference_model.modules() if hasattr(m, "use_fast_path")]
+    assert flags and not any(flags)
+    input_ids = torch.randint(0, fast_model.config.vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    logits, grads = logits_and_grads(reference_model, input_ids, attention_mask)
+    with reference_paths():
+        forced_logits, forced_grads = logits_and_grads(fast_model, input_ids, attention_mask)
+    fast_logits, _ = logits_and_grads(fast_model, input_ids, attention_mask)
+    assert torch.equal(logits, forced_logits)
+    for name, grad in grads.items():
+        assert torch.equal(grad, forced_grads[name]), name
+    torch.testing.assert_close(fast_logits, logits, **FP32)
+
+
+@pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"])
+def test_float64_model_computes_in_float64(variant):
+    """A float64 model is not rounded to float32 anywhere: fast and reference paths agree to float64
+    rounding, logits and every gradient, a million times closer than float32 arithmetic could."""
+    model = perturb(tiny_model(variant), 0.05).double()
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    logits, grads = logits_and_grads(model, input_ids, attention_mask)
+    with reference_paths():
+        ref_logits, ref_grads = logits_and_grads(model, input_ids, attention_mask)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc"])
 def test_cached_decoding_equals_the_reference_paths(variant):
-    model = perturbed_model(variant).eval()
+    model = perturb(tiny_model(variant), 0.05).eval()
     prompt = torch.randint(0, model.config.vocab_size, (2, 6))
 
     def greedy_logits():
@@ -425,7 +456,7 @@ def test_cached_decoding_equals_the_reference_paths(variant):
 @pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"])
 def test_fast_paths_save_no_more_for_backward_than_the_reference(variant):
     """Bytes of the distinct tensors autograd keeps for backward (weights excluded), counted exactly."""
-    model = perturbed_model(variant)
+    model = perturb(tiny_model(variant), 0.05)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 16))
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 

@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, pipeline
 
+from conftest import tiny_model
 from ddl_hf import DDLConfig, DDLForCausalLM, DDLModel
 from ddl_hf.models.ddl.model_card import DDL_FIELDS, GENERATED_MARKER, write_model_card
 
@@ -63,15 +64,13 @@ def tokenizer(tokenizer_dir):
 
 
 def _save_model_with_tokenizer(tmp_path_factory, tokenizer, variant: str):
-    torch.manual_seed(1)
-    config = DDLConfig.from_preset(
-        "tiny",
+    model = tiny_model(
         variant,
+        seed=1,
         vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    )
-    model = DDLForCausalLM(config).eval()
+    ).eval()
     path = tmp_path_factory.mktemp(f"model-{variant}")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -178,8 +177,7 @@ def test_lora_trains_saves_reloads_and_merges_with_identical_logits(tmp_path, va
 @pytest.mark.parametrize("target", ["beta_proj", "value_proj", "beta_hidden"])
 def test_lora_on_a_ddl_write_projection_changes_the_output_as_merged(target):
     """An adapter on a gate or value projection must act in the forward pass (not only after merging)."""
-    torch.manual_seed(0)
-    model = DDLForCausalLM(DDLConfig.from_preset("tiny", "ddl-cc", gate_hidden_size=8)).eval()
+    model = tiny_model("ddl-cc", gate_hidden_size=8).eval()
     inputs = torch.randint(0, model.config.vocab_size, (2, 10))
     with torch.no_grad():
         base_logits = model(input_ids=inputs).logits

@@ -10,22 +10,13 @@ import tempfile
 import pytest
 import torch
 
-from ddl_hf import DDLConfig, DDLForCausalLM
+from conftest import random_tokens, tiny_model
+from ddl_hf import DDLForCausalLM
 
 # Compiled kernels are cached across runs (a cold inductor compile of the tiny models takes tens of seconds).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddl_hf_inductor_cache"))
 
 VOCAB = 96
-
-
-def _model(variant: str, dtype: torch.dtype = torch.float32, **overrides) -> DDLForCausalLM:
-    torch.manual_seed(0)
-    return DDLForCausalLM(DDLConfig.from_preset("tiny", variant, **overrides)).to(dtype)
-
-
-def _batch(batch: int = 4, length: int = 16) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(1)
-    return torch.randint(0, VOCAB, (batch, length), generator=generator)
 
 
 def _assert_finite_gradients(model: torch.nn.Module) -> None:
@@ -55,8 +46,8 @@ def _train(model, ids, steps: int, autocast: bool) -> tuple[list[float], dict[st
 
 @pytest.mark.parametrize("variant", ["ddl-cc", "ddl-tc", "baseline"])
 def test_bf16_autocast_training_stays_finite_and_close_to_fp32(variant):
-    ids = _batch()
-    fp32_model = _model(variant)
+    ids = random_tokens(4, 16, seed=1)
+    fp32_model = tiny_model(variant)
     bf16_model = copy.deepcopy(fp32_model)
     fp32_losses, fp32_grads = _train(fp32_model, ids, steps=6, autocast=False)
     bf16_losses, bf16_grads = _train(bf16_model, ids, steps=6, autocast=True)
@@ -76,9 +67,9 @@ def test_bf16_autocast_training_stays_finite_and_close_to_fp32(variant):
 # --------------------------------------------------------------------------- bf16 weights
 @pytest.mark.parametrize("variant", ["ddl-tc", "ddl-scalar"])
 def test_bf16_model_generates_with_cache_consistent_with_full_forward(variant):
-    fp32_model = _model(variant).eval()
+    fp32_model = tiny_model(variant).eval()
     model = copy.deepcopy(fp32_model).to(torch.bfloat16)
-    prompt = _batch(2, 5)
+    prompt = random_tokens(2, 5, seed=1)
     with torch.no_grad():
         out = model.generate(
             prompt,
@@ -107,9 +98,9 @@ def test_torch_compile_forward_and_backward_match_eager(variant):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     # One layer keeps the inductor compile short; every op of a block is still in the graph.
-    eager = _model(variant, num_hidden_layers=1).train()
+    eager = tiny_model(variant, num_hidden_layers=1).train()
     compiled_copy = copy.deepcopy(eager)
-    ids = _batch(2, 12)
+    ids = random_tokens(2, 12, seed=1)
 
     eager_out = eager(input_ids=ids, labels=ids)
     eager_out.loss.backward()
@@ -172,9 +163,9 @@ EXPANDED_AND_SCALAR = ["ddl-tc", "ddl-cc", "ddl-scalar", "write-only-cc"]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", EXPANDED_AND_SCALAR)
 def test_zero_sublayer_output_leaves_the_state_unchanged_with_finite_gradients(variant, dtype):
-    model = _model(variant, dtype)
+    model = tiny_model(variant).to(dtype)
     _scale_sublayer_outputs(model, 0.0)
-    ids = _batch(2, 10)
+    ids = random_tokens(2, 10, seed=1)
     logits = _forward_backward(model, ids)
     with torch.no_grad():
         expected = _identity_block_logits(model, ids)
@@ -185,9 +176,9 @@ def test_zero_sublayer_output_leaves_the_state_unchanged_with_finite_gradients(v
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [1e-20, 1e-30])
 def test_tiny_sublayer_output_stays_finite(dtype, scale):
-    model = _model("ddl-tc", dtype)
+    model = tiny_model("ddl-tc").to(dtype)
     _scale_sublayer_outputs(model, scale)
-    ids = _batch(2, 10)
+    ids = random_tokens(2, 10, seed=1)
     logits = _forward_backward(model, ids)
     with torch.no_grad():
         expected = _identity_block_logits(model, ids)
@@ -198,11 +189,11 @@ def test_tiny_sublayer_output_stays_finite(dtype, scale):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", EXPANDED_AND_SCALAR)
 def test_gate_saturated_at_zero_leaves_the_state_unchanged(variant, dtype):
-    model = _model(variant, dtype)
+    model = tiny_model(variant).to(dtype)
     with torch.no_grad():
         for shortcut in _shortcuts(model):
             shortcut.beta_proj.bias.fill_(-1e4)
-    ids = _batch(2, 10)
+    ids = random_tokens(2, 10, seed=1)
     assert torch.equal(next(_shortcuts(model)).gate(torch.randn(3, 32, dtype=dtype)), torch.zeros(3, 1))
     logits = _forward_backward(model, ids)
     with torch.no_grad():
@@ -213,13 +204,13 @@ def test_gate_saturated_at_zero_leaves_the_state_unchanged(variant, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", EXPANDED_AND_SCALAR)
 def test_gate_saturated_at_two_stays_finite_and_reflects(variant, dtype):
-    model = _model(variant, dtype)
+    model = tiny_model(variant).to(dtype)
     with torch.no_grad():
         for shortcut in _shortcuts(model):
             shortcut.beta_proj.bias.fill_(1e4)
     shortcut = next(_shortcuts(model))
     assert torch.equal(shortcut.gate(torch.randn(3, 32, dtype=dtype)), torch.full((3, 1), 2.0))
-    _forward_backward(model, _batch(2, 10))
+    _forward_backward(model, random_tokens(2, 10, seed=1))
 
     if model.config.residual_mode == "delta":
         # beta = 2 is the Householder reflection: X' = (I - 2 k k^T) X + 2 k v^T, so with v = 0 the norm is kept.
@@ -240,8 +231,8 @@ def test_gate_saturated_at_two_stays_finite_and_reflects(variant, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", EXPANDED_AND_SCALAR + ["baseline"])
 def test_inputs_scaled_by_1e4_stay_finite(variant, dtype):
-    model = _model(variant, dtype)
-    ids = _batch(2, 10)
+    model = tiny_model(variant).to(dtype)
+    ids = random_tokens(2, 10, seed=1)
     logits = _forward_backward(model, ids, inputs_scale=1e4)
     # Every read goes through RMSNorm, so a huge embedding scale does not blow up the logits either.
     assert logits.float().abs().max() < 1e3

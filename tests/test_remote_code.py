@@ -1,16 +1,14 @@
 """Sharing: a saved folder loads with `trust_remote_code=True` in a fresh Python process where `ddl_hf`
 cannot be imported, and gives the same logits and generated tokens as the original model."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM
+from conftest import perturb, random_tokens, run_fresh_python, tiny_model
+from ddl_hf import PRESET_VARIANTS, DDLForCausalLM
 
 VARIANTS = list(PRESET_VARIANTS)
 NEW_TOKENS = 6
@@ -61,20 +59,16 @@ def saved_variants(tmp_path_factory):
     """Every variant, tiny and moved off its init, saved next to the inputs and the expected outputs."""
     root = tmp_path_factory.mktemp("remote")
     generator = torch.Generator().manual_seed(5)
-    vocab = DDLConfig.from_preset("tiny", "baseline").vocab_size
     inputs = {
         "variants": VARIANTS,
-        "ids": torch.randint(0, vocab, (2, 9), generator=generator),
-        "prompt": torch.randint(0, vocab, (2, 4), generator=generator),
+        "ids": random_tokens(2, 9, generator=generator),
+        "prompt": random_tokens(2, 4, generator=generator),
         "new_tokens": NEW_TOKENS,
     }
     expected = {}
     for variant in VARIANTS:
-        torch.manual_seed(0)
-        model = DDLForCausalLM(DDLConfig.from_preset("tiny", variant)).eval()
+        model = perturb(tiny_model(variant).eval(), 0.1, generator=generator)
         with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
             logits = model(inputs["ids"]).logits
         generated = model.generate(inputs["prompt"], max_new_tokens=NEW_TOKENS, do_sample=False)
         model.save_pretrained(root / variant)
@@ -87,30 +81,18 @@ def saved_variants(tmp_path_factory):
 def remote_results(saved_variants):
     """Runs REMOTE_SCRIPT once, for all variants, in a fresh offline process."""
     root = saved_variants[0]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_MODULES_CACHE": str(root / "hf_modules"),  # the copied code lands here, not in the user's cache
-    }
-    env.pop("PYTHONPATH", None)
-    completed = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(root)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    completed = run_fresh_python(REMOTE_SCRIPT, root, cwd=root, modules_cache=root / "hf_modules")
     assert completed.returncode == 0, completed.stderr[-4000:]
     return torch.load(root / "results.pt")
 
 
+@pytest.mark.slow
 def test_fresh_process_cannot_import_the_package(remote_results):
     assert remote_results["package_importable"] is False
     assert remote_results["package_modules_loaded"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_remote_code_gives_identical_logits_and_tokens(variant, saved_variants, remote_results):
     expected = saved_variants[2][variant]
@@ -122,6 +104,7 @@ def test_remote_code_gives_identical_logits_and_tokens(variant, saved_variants, 
     assert torch.equal(result["generated"], expected["generated"])
 
 
+@pytest.mark.slow
 def test_remote_code_loads_the_backbone_through_automodel(saved_variants, remote_results):
     _, inputs, expected = saved_variants
     assert remote_results["backbone_class"] == "DDLModel"

@@ -5,6 +5,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from conftest import write_jsonl
 from ddl_hf.data import builtin_corpus_documents
 from ddl_hf.tokenization import END_OF_TEXT, default_tokenizer, default_tokenizer_dir, main, train_bpe_tokenizer
 
@@ -23,9 +24,7 @@ def training_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tokenizer_corpus")
     documents = [text[:4000] for _, text in builtin_corpus_documents("validation")[:12]]
     (folder / "a.txt").write_text(documents[0], encoding="utf-8")
-    with open(folder / "b.jsonl", "w", encoding="utf-8") as handle:
-        for text in documents[1:]:
-            handle.write(json.dumps({"text": text}) + "\n")
+    write_jsonl(folder / "b.jsonl", documents[1:])
     return [str(folder / "a.txt"), str(folder / "b.jsonl")]
 
 
@@ -64,6 +63,7 @@ def test_tokenizer_rejects_too_small_vocabulary_and_missing_files(tmp_path, trai
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.slow
 def test_default_tokenizer_is_trained_once_on_the_builtin_corpus_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("DDL_HF_CACHE", str(tmp_path / "cache"))
     folder = default_tokenizer_dir(300)
