@@ -263,11 +263,6 @@ def causal_depthwise_conv(
     return token_conv(x, weight, padding, use_fast_path=use_fast_path)
 
 
-def _token_filters(channels: int, conv_size: int) -> nn.Parameter:
-    """One causal filter of `conv_size` taps per channel, (channels, 1, conv_size); see `_identity_causal_filter`."""
-    return nn.Parameter(torch.empty(channels, 1, conv_size))
-
-
 def _identity_causal_filter(weight: torch.Tensor) -> None:
     """Filters (C, 1, K) that pass the current token through: last tap 1, others 0.
 
@@ -279,7 +274,34 @@ def _identity_causal_filter(weight: torch.Tensor) -> None:
     init.copy_(weight, identity)
 
 
-class StateCompressor(nn.Module):
+class _StateModule(nn.Module):
+    """What `StateCompressor` and `EmbedExpansion` share: the (d, d_v) state shape, the `kind`, the
+    fast-path flag, and optional causal token filters `conv_weight` (d * d_v, 1, K), identity at init."""
+
+    def __init__(self, hidden_size: int, value_channels: int, kind: str, use_fast_path: bool) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.value_channels = value_channels
+        self.kind = kind
+        self.use_fast_path = use_fast_path
+
+    def _register_filters(self, has_filters: bool, conv_size: int) -> None:
+        """`conv_weight`, or None. Registered after the subclass's own parameters, in the checkpoint's order."""
+        if has_filters:
+            self.conv_weight = nn.Parameter(torch.empty(self.hidden_size * self.value_channels, 1, conv_size))
+        else:
+            self.register_parameter("conv_weight", None)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.conv_weight is not None:
+            _identity_causal_filter(self.conv_weight)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
+
+
+class StateCompressor(_StateModule):
     """Reads the width-d block input from the expanded state. (B, T, d * d_v) -> (B, T, d).
 
     `x_in[i] = sum_j W[i, j] X[i, j]` (channel compressor, CC); the token compressor (TC)
@@ -297,24 +319,16 @@ class StateCompressor(nn.Module):
         cache_layer_idx: int = 0,
         use_fast_path: bool = True,
     ) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.value_channels = value_channels
-        self.kind = kind
+        super().__init__(hidden_size, value_channels, kind, use_fast_path)
         self.cache_layer_idx = cache_layer_idx
-        self.use_fast_path = use_fast_path
         self.read_weight = nn.Parameter(torch.empty(hidden_size, value_channels))
-        if kind == "token":
-            self.conv_weight = _token_filters(hidden_size * value_channels, conv_size)
-        else:
-            self.register_parameter("conv_weight", None)
+        self._register_filters(kind == "token", conv_size)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         init.constant_(self.read_weight, 1.0 / self.value_channels)
-        if self.conv_weight is not None:
-            _identity_causal_filter(self.conv_weight)
+        super().reset_parameters()
 
     def forward(
         self,
@@ -355,11 +369,8 @@ class StateCompressor(nn.Module):
         matrix = new_state.unflatten(-1, (self.hidden_size, self.value_channels))
         return channel_compress_after_write(matrix, read, h, write, self.read_weight, use_fast_path=self.use_fast_path)
 
-    def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}, value_channels={self.value_channels}, kind={self.kind}"
 
-
-class EmbedExpansion(nn.Module):
+class EmbedExpansion(_StateModule):
     """Turns token embeddings into the first residual state. (B, T, d) -> (B, T, d * d_v).
 
     `"conv"` (EC): a depthwise causal convolution over tokens mapping feature i to its d_v
@@ -376,21 +387,10 @@ class EmbedExpansion(nn.Module):
         slot: int = 0,
         use_fast_path: bool = True,
     ) -> None:
-        super().__init__()
-        self.value_channels = value_channels
-        self.kind = kind
+        super().__init__(hidden_size, value_channels, kind, use_fast_path)
         self.slot = slot
-        self.use_fast_path = use_fast_path
-        if kind == "conv":
-            self.conv_weight = _token_filters(hidden_size * value_channels, conv_size)
-        else:
-            self.register_parameter("conv_weight", None)
+        self._register_filters(kind == "conv", conv_size)
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        if self.conv_weight is not None:
-            _identity_causal_filter(self.conv_weight)
 
     def forward(
         self, embeddings: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None

@@ -181,7 +181,7 @@ def _refuse_double_backward(name: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
             f"the fast path of {name} supports first-order gradients only; run the model inside "
-            "ddl_hf.delta_ops.reference_paths() to differentiate twice"
+            "ddl_hf.reference_paths() to differentiate twice"
         )
 
 
@@ -271,6 +271,7 @@ def delta_update(
     beta: torch.Tensor,
     v: torch.Tensor,
     eps: float,
+    *,
     erase: bool = True,
     return_write: bool = False,
     save_output: bool = False,
@@ -482,7 +483,11 @@ def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0, use_fast
         x = F.pad(x, (0, 0, padding, 0))
     image = x.unsqueeze(1).permute(0, 3, 1, 2)  # (B, C_in, 1, T_in), strides of (B, 1, T_in, C_in)
     conv_padding = 0 if pad_input else padding
-    out = F.conv2d(image, weight.unsqueeze(2), padding=(0, conv_padding), groups=groups)  # (B, C_out, 1, T')
+    # A reshape (a view), not `unsqueeze(2)`: the channels-last convolution returns its weight gradient with stride
+    # 1 on the size-1 dims, which `unsqueeze`'s backward (a squeeze) keeps, while a view's backward reshapes it to the
+    # weight's own strides, so that DDP's bucket views match the gradients (no copy and no warning per step).
+    filters = weight.reshape(weight.shape[0], weight.shape[1], 1, weight.shape[2])  # (C_out, C_in / groups, 1, K)
+    out = F.conv2d(image, filters, padding=(0, conv_padding), groups=groups)  # (B, C_out, 1, T')
     out = out.squeeze(2).transpose(1, 2)
     return out[:, : out.shape[1] - conv_padding] if conv_padding else out
 
