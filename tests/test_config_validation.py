@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from ddl_hf import PRESET_SIZES, PRESET_VARIANTS, DDLConfig, DDLForCausalLM
 
@@ -78,6 +79,13 @@ INVALID_CASES = [
         "(0.0, inf)",
     ),
     ("layer_types-inconsistent", dict(layer_types=["full_attention", "full_attention"]), "layer_types", "hybrid"),
+    ("num_labels-zero", dict(num_labels=0), "num_labels", ">= 1"),
+    ("num_labels-float", dict(num_labels=2.0), "num_labels", "integer"),
+    ("num_labels-disagrees-with-id2label", dict(num_labels=3, id2label={0: "a", 1: "b"}), "num_labels", "id2label"),
+    ("id2label-list", dict(id2label=["a", "b"]), "id2label", "{id: name}"),
+    ("id2label-name-keys", dict(id2label={"a": 0}), "id2label", "{id: name}"),
+    ("label2id-id-keys", dict(label2id={0: "a"}), "label2id", "{name: id}"),
+    ("problem_type-unknown", dict(problem_type="ranking"), "problem_type", "'single_label_classification'"),
 ]
 
 
@@ -147,3 +155,53 @@ def test_boundary_values_are_accepted():
         for name, value in overrides.items():
             if value is not None:
                 assert getattr(config, name) == value
+
+
+# --------------------------------------------------------------------------- the standard PreTrainedConfig fields
+TASK_FIELDS = dict(
+    num_labels=3,
+    id2label={0: "negative", 1: "neutral", 2: "positive"},
+    label2id={"negative": 0, "neutral": 1, "positive": 2},
+    problem_type="single_label_classification",
+)
+
+
+def test_standard_pretrained_config_fields_are_accepted():
+    config = DDLConfig(num_labels=3)
+    assert config.num_labels == 3 and config.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert config.label2id == {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2}
+    config = DDLConfig.from_preset(
+        "tiny", "ddl-tc", **TASK_FIELDS, dtype="bfloat16", output_hidden_states=True, return_dict=False
+    )
+    assert config.num_labels == 3
+    assert (config.id2label, config.label2id) == (TASK_FIELDS["id2label"], TASK_FIELDS["label2id"])
+    assert config.problem_type == "single_label_classification"
+    assert (config.dtype, config.output_hidden_states, config.return_dict) == (torch.bfloat16, True, False)
+    assert DDLConfig.from_preset("tiny", "ddl-cc", attn_implementation="eager")._attn_implementation == "eager"
+    # JSON stores label ids as strings: they come back as ints.
+    assert DDLConfig(id2label={"0": "a", "1": "b"}).id2label == {0: "a", 1: "b"}
+
+
+def test_field_names_lists_the_fields_and_constructor_keywords_but_no_class_constants():
+    names = DDLConfig.field_names()
+    assert {"num_labels", "id2label", "label2id", "problem_type", "dtype", "value_channels", "vocab_size"} <= set(names)
+    assert not {"model_type", "base_model_tp_plan", "attribute_map", "_auto_class"} & set(names)
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(TASK_FIELDS, pad_token_id=0, eos_token_id=[1, 2], beta_init=0.5, dtype="bfloat16", value_channels=2)],
+    ids=["default", "customized"],
+)
+def test_save_then_load_gives_the_same_to_dict(overrides, tmp_path):
+    config = DDLConfig.from_preset("tiny", "ddl-tc", **overrides)
+    config.save_pretrained(tmp_path)
+    for loader in (DDLConfig.from_pretrained, AutoConfig.from_pretrained):
+        loaded = loader(tmp_path)
+        assert type(loaded) is DDLConfig
+        assert loaded.to_dict() == config.to_dict()
+        assert loaded.name_or_path == str(tmp_path)  # kept on the config, left out of to_dict()
+        for name, value in overrides.items():
+            assert getattr(loaded, name) == (torch.bfloat16 if name == "dtype" else value), name
+    assert DDLConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()

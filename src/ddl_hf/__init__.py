@@ -1,18 +1,36 @@
 """Deep Delta Learning (arXiv 2601.00417) as a Hugging Face Transformers model family.
 
-Importing `ddl_hf` registers `model_type="ddl"` with `AutoConfig`, `AutoModel` and
-`AutoModelForCausalLM`, and marks the classes for remote code, so `save_pretrained`
+Importing `ddl_hf` registers `model_type="ddl"` with `AutoConfig`, `AutoModel`,
+`AutoModelForCausalLM`, `AutoModelForSequenceClassification`, `AutoModelForTokenClassification`
+and `AutoModelForQuestionAnswering`, and marks the classes for remote code, so `save_pretrained`
 writes the modeling files and an `auto_map` next to the weights.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import ddl_hf_launch as _launch
 
-from .delta_stats import DeltaStatsRecorder, record_delta_stats
-from .models.ddl import (
+# `python -m ddl_hf ...` is the `ddl` command: its CPU defaults must be set before torch is imported.
+# A program that imports ddl_hf keeps its environment.
+if _launch.running_ddl_hf_as_main():
+    _launch.apply_cpu_defaults()
+
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from .delta_stats import DeltaStatsRecorder, record_delta_stats  # noqa: E402
+from .models.ddl import (  # noqa: E402
     PRESET_SIZES,
     PRESET_VARIANTS,
     DDLConfig,
     DDLForCausalLM,
+    DDLForQuestionAnswering,
+    DDLForSequenceClassification,
+    DDLForTokenClassification,
     DDLModel,
     DDLPreTrainedModel,
     DeltaShortcut,
@@ -31,11 +49,21 @@ AutoModelForCausalLM.register(DDLConfig, DDLForCausalLM, exist_ok=True)
 DDLConfig.register_for_auto_class()
 DDLModel.register_for_auto_class("AutoModel")
 DDLForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for _auto_class, _head in (
+    (AutoModelForSequenceClassification, DDLForSequenceClassification),
+    (AutoModelForTokenClassification, DDLForTokenClassification),
+    (AutoModelForQuestionAnswering, DDLForQuestionAnswering),
+):
+    _auto_class.register(DDLConfig, _head, exist_ok=True)
+    _head.register_for_auto_class(_auto_class.__name__)
 
 __all__ = [
     "DDLConfig",
     "DDLModel",
     "DDLForCausalLM",
+    "DDLForSequenceClassification",
+    "DDLForTokenClassification",
+    "DDLForQuestionAnswering",
     "DDLPreTrainedModel",
     "DeltaShortcut",
     "StateCompressor",

@@ -8,6 +8,7 @@ configurations of the paper (arXiv 2601.00417) and of this package.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import os
@@ -96,6 +97,18 @@ PRESET_VARIANTS = {
 }
 
 
+# Keywords that `PreTrainedConfig.__post_init__` accepts besides the dataclass fields: `num_labels` becomes
+# `id2label`, the others private attributes.
+CONSTRUCTOR_KEYWORDS = (
+    "num_labels",
+    "name_or_path",
+    "output_attentions",
+    "attn_implementation",
+    "experts_implementation",
+    "torch_dtype",
+)
+
+
 def _check_choice(field: str, value, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"DDLConfig.{field} must be one of {list(allowed)}, got {value!r}")
@@ -120,6 +133,23 @@ def _check_token_id(field: str, value, vocab_size: int) -> None:
             raise ValueError(
                 f"DDLConfig.{field} must be None or a token id in [0, vocab_size={vocab_size}), got {value!r}"
             )
+
+
+def _check_label_map(field: str, value, key_type: type, value_type: type) -> None:
+    """None, or a dict mapping label ids to names (`id2label`) or names to ids (`label2id`); JSON stores ids as
+    strings, so an id may also be a string of digits."""
+
+    def is_id(item) -> bool:
+        return (isinstance(item, int) and not isinstance(item, bool)) or (isinstance(item, str) and item.isdigit())
+
+    def fits(item, kind: type) -> bool:
+        return is_id(item) if kind is int else isinstance(item, str)
+
+    if value is not None and not (
+        isinstance(value, dict) and all(fits(key, key_type) and fits(item, value_type) for key, item in value.items())
+    ):
+        shape = "{id: name}" if key_type is int else "{name: id}"
+        raise ValueError(f"DDLConfig.{field} must be None or a dict {shape}, got {value!r}")
 
 
 def _check_float(field: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
@@ -171,12 +201,31 @@ class DDLConfig(PreTrainedConfig):
     - `use_fast_path`: run the fused ops of `delta_ops` (default) or their plain references
       (same results up to float rounding; slower, more memory).
 
+    The standard `PreTrainedConfig` fields are accepted too; the task heads read `num_labels` (or
+    `id2label`, `label2id`), `problem_type` and `pad_token_id` (the sequence classifier pools the last
+    token that is not padding).
+
     `layer_types` is derived: `"hybrid"` layers (attention cache plus short-convolution
     states) when the model has token convolutions, `"full_attention"` otherwise.
     """
 
     model_type = "ddl"
     keys_to_ignore_at_inference = ["cache"]
+    # Tensor parallelism (`from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))` under
+    # torchrun, `tests/test_tensor_parallel.py`): the Llama parts are sharded,
+    # attention by heads and the MLP by its hidden width, each block's output all-reduced to full width; the
+    # DDL parts (DeltaShortcut, StateCompressor, EmbedExpansion) and the norms stay replicated, since they act
+    # on the full (d, d_v) state. transformers adds `embed_tokens` (sharded on the vocabulary) and
+    # `DDLForCausalLM._tp_plan` the LM head, which a tied head shares.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     vocab_size: int = 50304
     hidden_size: int = 768
@@ -216,6 +265,7 @@ class DDLConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.validate_architecture()
+        self.validate_task_fields(kwargs.get("num_labels"))
         if self.intermediate_size is None:
             self.intermediate_size = (8 * self.hidden_size) // 3
         if self.head_dim is None:
@@ -299,6 +349,25 @@ class DDLConfig(PreTrainedConfig):
                 f"got {self.hidden_act!r}"
             )
 
+    def validate_task_fields(self, num_labels=None) -> None:
+        """Check the fine-tuning fields of `PreTrainedConfig` (read by the task heads): `num_labels` (a
+        constructor keyword, stored as `id2label`), `id2label`, `label2id` and `problem_type`."""
+        _check_choice(
+            "problem_type",
+            self.problem_type,
+            (None, "regression", "single_label_classification", "multi_label_classification"),
+        )
+        _check_label_map("id2label", self.id2label, int, str)
+        _check_label_map("label2id", self.label2id, str, int)
+        if num_labels is not None:
+            _check_int("num_labels", num_labels, 1)
+            # transformers only logs this and keeps id2label, silently ignoring num_labels.
+            if self.id2label is not None and len(self.id2label) != num_labels:
+                raise ValueError(
+                    f"DDLConfig.num_labels ({num_labels}) must equal the number of labels in id2label "
+                    f"({len(self.id2label)}); give one of them, or both consistently"
+                )
+
     # ----------------------------------------------------------------- derived facts
     @property
     def is_expanded(self) -> bool:
@@ -322,6 +391,12 @@ class DDLConfig(PreTrainedConfig):
     def number_of_conv_states(self) -> int:
         """Convolution states per hybrid cache layer (`ConvStateSlot`), read by `DynamicCache(config=...)`."""
         return len(ConvStateSlot)
+
+    @property
+    def num_hidden_states(self) -> int:
+        """Entries of `output_hidden_states` (`num_hidden_layers + 1`): the width-d read of each block's input
+        state, then the final readout. `capture_outputs` resolves negative indices against it."""
+        return self.num_hidden_layers + 1
 
     @property
     def variant_name(self) -> str:
@@ -358,8 +433,10 @@ class DDLConfig(PreTrainedConfig):
 
     @classmethod
     def field_names(cls) -> list[str]:
-        """Names of every field a `DDLConfig` accepts (its own and the inherited ones)."""
-        return [name for klass in reversed(cls.__mro__) for name in getattr(klass, "__annotations__", {})]
+        """Names of every field a `DDLConfig` accepts: its own and the inherited `PreTrainedConfig` fields
+        (`id2label`, `problem_type`, `dtype`, ...), and the keywords that `PreTrainedConfig` takes without
+        storing them as fields (`num_labels`, `attn_implementation`, ...)."""
+        return [field.name for field in dataclasses.fields(cls)] + list(CONSTRUCTOR_KEYWORDS)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -367,6 +444,13 @@ class DDLConfig(PreTrainedConfig):
         """`PreTrainedConfig.from_pretrained`; an invalid field raises a ValueError naming the config file."""
         kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def to_dict(self) -> dict:
+        """`PreTrainedConfig.to_dict` without `_name_or_path`: where a config was loaded from is not part of it
+        (config.json never stores it), so save then load gives the same dict. `config.name_or_path` keeps it."""
+        output = super().to_dict()
+        output.pop("_name_or_path", None)
+        return output
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> DDLConfig:
