@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_model
 from ddl_hf import DDLForCausalLM, DeltaShortcut, record_delta_stats
@@ -240,7 +241,19 @@ def test_audit_command_writes_known_statistics(saved_models, tmp_path, capsys):
     with torch.no_grad():
         batch = collate_blocks(blocks)
         expected_loss = model(**batch).loss.item()
+        # The logit lens: every width-d hidden state through the final norm and the tied LM head.
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+        targets = batch["input_ids"][:, 1:].reshape(-1)
+        expected_depth = [
+            F.cross_entropy(
+                (model.model.norm(h) @ model.lm_head.weight.T)[:, :-1].reshape(-1, model.config.vocab_size), targets
+            ).item()
+            for h in hidden[:-1]
+        ]
     assert report["validation_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert len(report["hidden_state_losses"]) == model.config.num_hidden_layers + 1
+    assert report["hidden_state_losses"][:-1] == pytest.approx(expected_depth, rel=1e-5)
+    assert report["hidden_state_losses"][-1] == pytest.approx(expected_loss, rel=1e-5)
 
     png = (output_dir / "audit.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -91,9 +91,10 @@ def test_logits_to_keep():
 
 
 @pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-tc"])
-def test_output_hidden_states_as_documented(variant):
-    """Entry 0: the initial (expanded) state; entry i: the state after block i, (B, T, d * d_v);
-    the last entry is replaced by `last_hidden_state`, the normalized readout (B, T, d)."""
+def test_output_residual_states_as_documented(variant):
+    """`output_residual_states=True`: entry 0 the initial (expanded) state, entry i the state after block i,
+    all (B, T, d * d_v); the full states that `output_hidden_states` returned before it became width d.
+    (The width-d hidden states are tested in test_hidden_states.py.)"""
     model = make_model(variant)
     config = model.config
     ids = random_tokens(2, 6, seed=3, low=1)
@@ -102,20 +103,20 @@ def test_output_hidden_states_as_documented(variant):
         layer.register_forward_hook(lambda module, args, output: block_outputs.append(output))
         for layer in model.model.layers
     ]
-    out = model(ids, output_hidden_states=True)
+    out = model(ids, output_residual_states=True)
     for hook in hooks:
         hook.remove()
-    states = out.hidden_states
+    assert out.hidden_states is None
+    states = out.residual_states
     width = config.hidden_size * config.value_channels
     assert len(states) == config.num_hidden_layers + 1
-    assert [tuple(s.shape) for s in states[:-1]] == [(2, 6, width)] * config.num_hidden_layers
-    assert states[-1].shape == (2, 6, config.hidden_size)
+    assert [tuple(s.shape) for s in states] == [(2, 6, width)] * (config.num_hidden_layers + 1)
     embeddings = model.model.embed_tokens(ids)
     initial = model.model.embed_expansion(embeddings) if config.is_expanded else embeddings
     assert torch.equal(states[0], initial)
-    for i in range(1, config.num_hidden_layers):
+    for i in range(1, config.num_hidden_layers + 1):
         assert torch.equal(states[i], block_outputs[i - 1])
-    assert torch.equal(states[-1], model.model(ids).last_hidden_state)
+    assert torch.equal(model.model(ids, output_residual_states=True).residual_states[-1], states[-1])
 
 
 # --------------------------------------------------------------------------- cached generation
@@ -239,9 +240,9 @@ def relative_imports(source: Path) -> set[str]:
 
 
 def config_fields(config: DDLConfig) -> dict:
-    """Everything a config holds except where it was loaded from."""
+    """Everything a config holds; `to_dict()` leaves out where it was loaded from."""
     fields = config.to_dict()
-    fields.pop("_name_or_path")
+    assert "_name_or_path" not in fields
     return fields
 
 

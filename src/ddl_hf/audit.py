@@ -5,7 +5,10 @@ API of `delta_stats`) and reports, for every layer and sublayer (attention, MLP)
 distribution (mean, std, quantiles, the fraction of tokens in the regimes skip beta < 0.1,
 partial 0.1-0.9, match 0.9-1.1, over-relaxed > 1.1), the mean discrepancy of the readout
 before and after the update (|e| = |k^T X - v^T|, |e'| = |k^T X' - v^T|) and their ratio,
-and the mean norm of the value target |v|.
+and the mean norm of the value target |v|. Per depth it also reports the "logit lens" loss: the
+next-token loss of `lm_head(norm(h))` for every width-d entry h of `output_hidden_states` (entry i
+is the read of the state that block i takes; the last entry is the model's output, whose loss is the
+validation loss).
 
 Data: the validation split of the built-in corpus by default, or `--validation_file`, or the
 validation split of `--dataset_name`; documents are tokenized and packed as in `ddl train`,
@@ -26,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .command_line import reports_input_errors
 from .data import (
@@ -113,24 +117,41 @@ def validation_documents(args: argparse.Namespace):
     return validation
 
 
+def hidden_state_losses(model, hidden_states, input_ids: torch.Tensor) -> list[float]:
+    """The mean next-token loss of `lm_head(norm(h))` for every entry h of `output_hidden_states` (the
+    "logit lens"). The last entry is `last_hidden_state`, already normalized: its loss is the model's."""
+    head, norm = model.get_output_embeddings(), model.model.norm
+    targets = input_ids[:, 1:].reshape(-1)
+    losses = []
+    for i, hidden in enumerate(hidden_states):
+        normed = hidden if i == len(hidden_states) - 1 else norm(hidden)
+        logits = head(normed[:, :-1]).float()
+        losses.append(float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets)))
+    return losses
+
+
 def audit_model(model, blocks, batch_size: int, num_batches: int, device: torch.device) -> dict:
     """Run `model` over the first `num_batches` x `batch_size` of `blocks` (rows of `input_ids`) while
-    recording; returns the summary, the number of tokens and the mean validation loss."""
+    recording; returns the summary, the number of tokens, the mean validation loss and the mean loss of
+    every hidden state through the final norm and the LM head (`hidden_state_losses`)."""
     model.eval()
     rows = min(len(blocks), batch_size * num_batches)
-    loss_sum, loss_tokens = 0.0, 0
+    loss_sum, loss_tokens, depth_sums = 0.0, 0, None
     with torch.no_grad(), record_delta_stats(model) as stats:
         for start in range(0, rows, batch_size):
             batch = collate_blocks([blocks[i] for i in range(start, min(start + batch_size, rows))])
             input_ids = batch["input_ids"].to(device)
-            output = model(input_ids=input_ids, labels=input_ids)
+            output = model(input_ids=input_ids, labels=input_ids, output_hidden_states=True)
             predicted = input_ids.numel() - input_ids.shape[0]  # the last token of a block has no target
             loss_sum += float(output.loss) * predicted
             loss_tokens += predicted
+            depth = [loss * predicted for loss in hidden_state_losses(model, output.hidden_states, input_ids)]
+            depth_sums = depth if depth_sums is None else [a + b for a, b in zip(depth_sums, depth, strict=True)]
     return {
         "blocks": rows,
         "batches": math.ceil(rows / batch_size),
         "validation_loss": loss_sum / loss_tokens,
+        "hidden_state_losses": [total / loss_tokens for total in depth_sums],
         "shortcuts": stats.summary(),
     }
 
@@ -253,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{report['variant']}: {report['tokens']} tokens, validation loss {report['validation_loss']:.4f}"
     plot_audit(report["shortcuts"], output_dir / "audit.png", title)
     print(format_table(report["shortcuts"]))
+    depth = ", ".join(f"{i}: {loss:.4f}" for i, loss in enumerate(report["hidden_state_losses"]))
+    print(f"\nloss of lm_head(norm(hidden_states[i])), i = block read (last = output): {depth}")
     print(f"\n{title}\nwrote {output_dir / 'audit.json'} and {output_dir / 'audit.png'}")
     return 0
 

@@ -13,10 +13,9 @@ Tensor layout: the state travels between blocks flattened to (B, T, d * d_v), fe
 major, so that `X[b, t, i, j]` lives at `state[b, t, i * d_v + j]`; with d_v = 1 it is the
 usual (B, T, d) hidden state.
 
-`output_hidden_states=True` returns `num_hidden_layers + 1` tensors: entry 0 is the
-initial state (the expanded embeddings), entry i the state after block i, each of shape
-(B, T, d * d_v); as in every transformers language model the last entry is replaced by
-`last_hidden_state`, the final normalized readout of shape (B, T, d).
+`output_hidden_states=True` returns `num_hidden_layers + 1` tensors of width d, as in every
+transformers model: entry i < L is the read of the state that block i takes (see `DDLModel`), the
+last entry `last_hidden_state`. `output_residual_states=True` returns the full (B, T, d * d_v) states.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,15 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
@@ -41,7 +47,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .checkpoint_checks import align_cpu_tensors, check_safetensors_files, loading_problems, weights_source
 from .configuration_ddl import ConvStateSlot, DDLConfig
@@ -219,6 +225,50 @@ class DDLMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class DDLStateRead(nn.Module):
+    """Marks the width-d read of the residual state that a block (or the final norm) takes. Identity.
+
+    `output_hidden_states` records what these modules return: `DDLDecoderLayer.state_read` passes the
+    block's attention input (its compressor's read of the state, the state itself when d_v = 1) and
+    `DDLModel.final_read` the readout before the final norm. The read is computed anyway, so recording
+    it costs nothing and touches no cache.
+    """
+
+    def forward(self, read: torch.Tensor) -> torch.Tensor:
+        return read
+
+
+class DDLInitialState(nn.Module):
+    """Marks the initial residual state (the expanded embeddings), the first entry that
+    `output_residual_states` records; the blocks' outputs follow. Identity."""
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return state
+
+
+@dataclass
+class DDLModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    residual_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_residual_states=True`):
+        The full residual states, `num_hidden_layers + 1` tensors of shape (batch, seq_len, d * d_v)
+        (feature major: `X[i, j]` at `i * d_v + j`): entry 0 the initial state (the expanded
+        embeddings), entry i the state after block i. The last entry is the state itself, not the
+        normalized readout.
+    """
+
+    residual_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class DDLCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    residual_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_residual_states=True`):
+        The full (batch, seq_len, d * d_v) residual states; see `DDLModelOutputWithPast`.
+    """
+
+    residual_states: tuple[torch.FloatTensor, ...] | None = None
+
+
 def _make_shortcut(config: DDLConfig, layer_idx: int, sublayer: str) -> DeltaShortcut | None:
     """The residual write of one sublayer: None means the additive `x + h`."""
     if config.residual_mode == "additive":
@@ -274,6 +324,8 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         self.compressor = _make_compressor(config, layer_idx)
         self.attn_shortcut = _make_shortcut(config, layer_idx, "attention")
         self.mlp_shortcut = _make_shortcut(config, layer_idx, "mlp")
+        # The block's width-d read of its input state, as `output_hidden_states` reports it.
+        self.state_read = DDLStateRead()
 
     def _read(self, state, slot, cache, padding_mask) -> torch.Tensor:
         """The sublayer's width-d input: the state itself when d_v = 1."""
@@ -307,7 +359,7 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         state = hidden_states
         # Attention: read, norm, attention, write (with the MLP's read of the new state).
-        block_input = self._read(state, ConvStateSlot.ATTENTION_INPUT, cache, padding_mask)
+        block_input = self.state_read(self._read(state, ConvStateSlot.ATTENTION_INPUT, cache, padding_mask))
         context = self.input_layernorm(block_input)
         h, _ = self.self_attn(
             context,
@@ -328,6 +380,12 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
 
 
 # --------------------------------------------------------------------------- pretrained models
+def _unwrapped_class(model: nn.Module) -> type:
+    """The model's class under the wrapper classes that torch makes on the fly: FSDP2's `fully_shard` turns a
+    `DDLForCausalLM` into an `FSDPDDLForCausalLM` defined in torch's own module."""
+    return next(cls for cls in type(model).__mro__ if not cls.__module__.startswith("torch."))
+
+
 class DDLPreTrainedModel(PreTrainedModel):
     config: DDLConfig
     config_class = DDLConfig
@@ -339,9 +397,15 @@ class DDLPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True
     _can_record_outputs = {
-        "hidden_states": DDLDecoderLayer,
+        # Width d, as in every transformers model: the read of the state that each block takes (its
+        # `state_read`), then the final readout, which `capture_outputs` replaces by `last_hidden_state`.
+        "hidden_states": OutputRecorder(
+            DDLStateRead, capture_initial_hidden_state=False, num_hidden_layers_key="num_hidden_states"
+        ),
+        # The full (d, d_v) states: the initial state, then each block's output.
+        "residual_states": [DDLInitialState, DDLDecoderLayer],
         "attentions": DDLAttention,
     }
 
@@ -423,15 +487,30 @@ class DDLPreTrainedModel(PreTrainedModel):
         """`PreTrainedModel.save_pretrained`, plus a README.md model card (`model_card.write_model_card`:
         variant, DDL fields, parameter count, metrics from `metrics.json`). A README.md that the folder
         already holds and that was not generated by this package is left alone."""
+        saved_class = _unwrapped_class(self)
         if self._auto_class is not None:
             # transformers writes only the saved class's own `auto_map` entry; advertise the backbone too,
             # so that `AutoModel.from_pretrained(dir, trust_remote_code=True)` works on a causal-LM folder.
-            module_name = type(self).__module__.rsplit(".", 1)[-1]
+            module_name = saved_class.__module__.rsplit(".", 1)[-1]
             self.config.auto_map = {
                 **(getattr(self.config, "auto_map", None) or {}),
                 "AutoModel": f"{module_name}.DDLModel",
             }
-        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if saved_class is type(self):
+            super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        else:
+            # A wrapper class made by torch (FSDP2's `FSDPDDLForCausalLM`): transformers would copy the wrapper's
+            # module (torch's FSDP sources) and name the wrapper in `auto_map`. Save the remote code of the DDL
+            # class here (an instance is only needed for its class), and hide `_auto_class` from transformers.
+            wrapper = type(self)
+            if self._auto_class is not None and self.should_save_on_this_rank(is_main_process):
+                os.makedirs(save_directory, exist_ok=True)
+                custom_object_save(saved_class.__new__(saved_class), save_directory, config=self.config)
+            wrapper._auto_class = None
+            try:
+                super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+            finally:
+                del wrapper._auto_class
         if not self.should_save_on_this_rank(is_main_process) or not os.path.isdir(save_directory):
             return
         readme = os.path.join(save_directory, MODEL_CARD_NAME)
@@ -440,10 +519,26 @@ class DDLPreTrainedModel(PreTrainedModel):
 
 
 class DDLModel(DDLPreTrainedModel):
-    """The DDL decoder without a head. Returns the final normalized readout (B, T, d)."""
+    """The DDL decoder without a head. Returns the final normalized readout (B, T, d).
 
-    # Loading the backbone from a causal-LM checkpoint with an untied head drops the head on purpose.
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    Optional outputs (`DDLModelOutputWithPast`):
+
+    - `output_hidden_states=True`: `num_hidden_layers + 1` tensors (B, T, d), width `hidden_size` as in
+      every transformers model. Entry i < L is the width-d read of the state that block i takes (its
+      compressor's read, which its attention normalizes; the state itself when d_v = 1, so entry 0 is
+      the embeddings as in Llama); the last entry is `last_hidden_state`. These reads are computed by the
+      forward anyway (no extra cost, the cache is untouched). During cached decoding they cover the new
+      tokens; the token compressor reads through its cached window, so they equal the full forward's
+      entries at those positions. An index or list of indices selects entries.
+    - `output_residual_states=True`: `residual_states`, `num_hidden_layers + 1` tensors (B, T, d * d_v),
+      feature major: entry 0 the initial state (the expanded embeddings), entry i the state after block i.
+
+    The forward never synchronises with the host: it compiles with `fullgraph=True`, static caches included.
+    """
+
+    # Loading the backbone from a checkpoint with a head (an untied LM head, a task head) drops the head on
+    # purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^score\.", r"^qa_outputs\."]
 
     def __init__(self, config: DDLConfig) -> None:
         super().__init__(config)
@@ -463,8 +558,11 @@ class DDLModel(DDLPreTrainedModel):
             if config.is_expanded
             else None
         )
+        self.initial_state = DDLInitialState()
         self.layers = nn.ModuleList(DDLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.readout = _make_compressor(config, cache_layer_idx=config.num_hidden_layers - 1)
+        # The readout before the final norm, as the last entry of `output_hidden_states` records it.
+        self.final_read = DDLStateRead()
         self.norm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DDLRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -477,7 +575,11 @@ class DDLModel(DDLPreTrainedModel):
         self.embed_tokens = value
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache, position_ids=None) -> None:
-        """Clear ValueErrors for malformed inputs, before any embedding lookup or indexing can fail."""
+        """Clear ValueErrors for malformed inputs, before any embedding lookup or indexing can fail.
+
+        Never synchronises with the host: shapes, dtypes and the cache's batch are read from metadata; the
+        id range, and the mask length against a static cache's tensor length, only where that is free
+        (eager, CPU tensors)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DDLModel.forward needs exactly one of `input_ids` or `inputs_embeds`")
         tokens = input_ids if input_ids is not None else inputs_embeds
@@ -495,18 +597,24 @@ class DDLModel(DDLPreTrainedModel):
         batch, length = tokens.shape[:2]
         if length == 0 or batch == 0:
             raise ValueError(f"empty input: `input_ids`/`inputs_embeds` has shape {tuple(tokens.shape)}")
-        if input_ids is not None and not torch.compiler.is_compiling():
+        # Value checks only where reading the values is free (see `_values_are_free`); on an accelerator an
+        # out-of-range id stops the embedding lookup with a device-side assert instead.
+        if input_ids is not None and _values_are_free(input_ids):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
                     f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
                 )
-        past = cache.get_seq_length() if cache is not None else 0
-        if cache is not None and past > 0:
-            cached_batch = _cache_batch_size(cache)
-            if cached_batch is not None and cached_batch != batch:
-                raise ValueError(f"`cache` holds a batch of {cached_batch} sequences but the input has batch {batch}")
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape != (batch, past + length):
+        cached_batch = _cache_batch_size(cache) if cache is not None else None
+        if cached_batch is not None and cached_batch != batch:
+            raise ValueError(f"`cache` holds a batch of {cached_batch} sequences but the input has batch {batch}")
+        past = _past_length(cache)
+        if (
+            past is not None
+            and attention_mask is not None
+            and attention_mask.dim() == 2
+            and attention_mask.shape != (batch, past + length)
+        ):
             raise ValueError(
                 f"`attention_mask` must have shape (batch, past + seq_len) = ({batch}, {past + length}), "
                 f"got {tuple(attention_mask.shape)}"
@@ -544,7 +652,7 @@ class DDLModel(DDLPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
+    ) -> DDLModelOutputWithPast:
         # `generate` with a compileable (static) cache passes the masks prebuilt, keyed by layer type:
         # "full_attention" for attention, "linear_attention" (2-D padding or None) for the token convolutions.
         prebuilt_masks = attention_mask if isinstance(attention_mask, dict) else None
@@ -560,25 +668,27 @@ class DDLModel(DDLPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
         # Token convolutions (EC, TC) must not read padded positions.
         padding_mask = None
-        if self.config.cache_layer_type == "hybrid" and attention_mask is not None and attention_mask.dim() == 2:
-            padding_mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
         if prebuilt_masks is not None:
             causal_mask = prebuilt_masks["full_attention"]
             linear_mask = prebuilt_masks.get("linear_attention")
             padding_mask = None if linear_mask is None else linear_mask.bool()
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
+            if self.config.cache_layer_type == "hybrid" and attention_mask is not None and attention_mask.dim() == 2:
+                padding_mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
 
         state = inputs_embeds
         if self.embed_expansion is not None:
             state = self.embed_expansion(inputs_embeds, cache, padding_mask)
+        state = self.initial_state(state)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             state = decoder_layer(
@@ -591,16 +701,34 @@ class DDLModel(DDLPreTrainedModel):
                 padding_mask=padding_mask,
                 **kwargs,
             )
-        if self.readout is not None:
-            state = self.readout(state, cache, ConvStateSlot.READOUT, padding_mask)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(state), cache=cache)
+        read = state if self.readout is None else self.readout(state, cache, ConvStateSlot.READOUT, padding_mask)
+        return DDLModelOutputWithPast(last_hidden_state=self.norm(self.final_read(read)), cache=cache)
+
+
+def _values_are_free(tensor: torch.Tensor) -> bool:
+    """Whether reading `tensor`'s values costs no host synchronisation: eager (not under `torch.compile`,
+    where it would break the graph) and on the CPU (on an accelerator it would stall the device queue)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _past_length(cache: Cache | None) -> int | None:
+    """Tokens held by `cache` as a Python int; None when only a tensor that is not free to read knows it
+    (a static cache on an accelerator, or under `torch.compile`)."""
+    if cache is None:
+        return 0
+    past = cache.get_seq_length()
+    if isinstance(past, torch.Tensor):
+        return int(past) if _values_are_free(past) else None
+    return past
 
 
 def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be token ids or `ignore_index`: cross-entropy would otherwise fail on an index error."""
+    """Labels must be token ids or `ignore_index`: cross-entropy would otherwise fail on an index error.
+    The dtype is always checked; the values only where that is free (`_values_are_free`): on an accelerator
+    an out-of-range label stops cross-entropy with a device-side assert instead."""
     if labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"`labels` must be an integer tensor of token ids, got dtype {labels.dtype}")
-    if torch.compiler.is_compiling():
+    if not _values_are_free(labels):
         return
     invalid = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     if bool(invalid.any()):
@@ -611,6 +739,7 @@ def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> N
 
 
 def _cache_batch_size(cache: Cache) -> int | None:
+    """The batch of the cached keys, from their shape (no host synchronisation); None while nothing is cached."""
     for layer in getattr(cache, "layers", []):
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() > 0:
@@ -645,7 +774,7 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
+    ) -> DDLCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
             Targets for next-token prediction, aligned with the inputs (the shift happens inside);
@@ -662,7 +791,7 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
                     f"got {tuple(labels.shape)}"
                 )
             _check_labels(labels, self.config.vocab_size, kwargs.get("ignore_index", -100))
-        outputs: BaseModelOutputWithPast = self.model(
+        outputs: DDLModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -676,13 +805,62 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
+        return DDLCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            residual_states=outputs.residual_states,
         )
+
+
+# --------------------------------------------------------------------------- task heads
+# transformers' generic heads on the DDL backbone: they read `last_hidden_state`, the final normalized
+# readout of width d. The backbone is built directly rather than through `AutoModel.from_config`, which
+# would not find the DDL classes in a process that loads them as remote code. Loading a checkpoint without
+# the head (a `DDLForCausalLM` or `DDLModel` folder) initializes the head and reports it as missing
+# (`DDLPreTrainedModel.from_pretrained`); the backbone weights must all be there.
+class DDLForSequenceClassification(GenericForSequenceClassification, DDLPreTrainedModel):
+    """DDL decoder with a linear `score` head (no bias) on the last non-padding token of each row.
+
+    The last token is the rightmost one that is not `config.pad_token_id` (left and right padding both
+    work; pass the `attention_mask` too); a batch of more than one row needs `pad_token_id`. `labels`:
+    class ids (`problem_type` single-label), floats for `num_labels == 1` (regression) or multi-hot rows
+    (multi-label), as in every transformers sequence classifier.
+    """
+
+    def __init__(self, config: DDLConfig) -> None:
+        DDLPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DDLModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class DDLForTokenClassification(GenericForTokenClassification, DDLPreTrainedModel):
+    """DDL decoder with dropout (`config.classifier_dropout`, default 0.1) and a linear `score` head on every
+    token; `labels` (batch, seq_len) with -100 for positions without loss."""
+
+    def __init__(self, config: DDLConfig) -> None:
+        DDLPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DDLModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.post_init()
+
+
+class DDLForQuestionAnswering(GenericForQuestionAnswering, DDLPreTrainedModel):
+    """DDL decoder with a linear `qa_outputs` head giving span start and end logits for every token
+    (extractive question answering); `start_positions` and `end_positions` for the loss."""
+
+    def __init__(self, config: DDLConfig) -> None:
+        DDLPreTrainedModel.__init__(self, config)
+        self.model = DDLModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
 
 
 __all__ = [
@@ -693,4 +871,9 @@ __all__ = [
     "DDLPreTrainedModel",
     "DDLModel",
     "DDLForCausalLM",
+    "DDLForSequenceClassification",
+    "DDLForTokenClassification",
+    "DDLForQuestionAnswering",
+    "DDLModelOutputWithPast",
+    "DDLCausalLMOutputWithPast",
 ]
