@@ -8,6 +8,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Tiny test models run fastest on one thread, and two threads thrash when the machine is busy.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# And the OpenMP waiting of the `ddl` commands (bounded spinning), before torch loads libgomp; the
+# tests' subprocesses inherit it. Torch's default spinning is several times slower on a busy machine.
+from ddl_hf_launch import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
