@@ -177,7 +177,9 @@ class Neighbour:
         environment = {**torch_environment(), **NEIGHBOUR_ENV}
         command = [sys.executable, __file__, "--neighbour", str(self.log), "--deadline", str(deadline_s)]
         with open(self.errors, "w") as errors:
-            self.process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=errors)
+            self.process = subprocess.Popen(
+                command, env=environment, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True
+            )
 
     def wait_ready(self) -> None:
         start = time.time()
