@@ -1,11 +1,13 @@
 """Entry point of the `ddl` command: CPU defaults for OpenMP first, then `ddl_hf.cli`.
 
 PyTorch's CPU kernels run on an OpenMP thread pool (GNU libgomp in the Linux wheels). By default
-an idle libgomp thread spins for about 300,000 iterations (a few milliseconds) before it sleeps.
-On a machine that is doing something else, a spinning thread burns the core that its own team
-mate, or the other program, needs: next to one other 2-thread job on 2 cores a training step of
-the main job got 7 to 14 times slower. libgomp reads its settings once, when `import torch`
-loads it, so they must be in the environment before torch is imported.
+a waiting libgomp thread spins for 300,000 iterations (milliseconds) before it sleeps. On a
+machine that is doing something else, the spinning thread burns the core that its team mate, or
+the other program, needs: next to one other 2-thread job on 2 cores a training step of the main
+job got 7 to 14 times slower. A spin of 1,000 iterations, then sleep, keeps the idle speed (within
+2%) and most of the loaded speed of never spinning (`OMP_WAIT_POLICY=PASSIVE`, which costs about
+3% on an idle machine); the measurements are in the README. libgomp reads its settings once, when
+`import torch` loads it, so they must be in the environment before torch is imported.
 
 This module is deliberately outside the `ddl_hf` package: importing any `ddl_hf` module runs
 `ddl_hf/__init__.py`, which imports transformers and torch, which is too late. It imports
@@ -16,8 +18,10 @@ keeps its environment as it is.
 
 The defaults only fill what the user left unset:
 
-- waiting: `GOMP_SPINCOUNT` (see `WAIT_DEFAULTS`), unless any of `OMP_WAIT_POLICY`,
-  `GOMP_SPINCOUNT` or `KMP_BLOCKTIME` is set;
+- waiting: `GOMP_SPINCOUNT=1000` (`WAIT_DEFAULTS`), unless `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT`
+  is set. Only libgomp reads it: with another OpenMP runtime, such as LLVM's libomp, set
+  `OMP_WAIT_POLICY=PASSIVE` yourself. `KMP_BLOCKTIME`, which `accelerate launch --cpu` sets,
+  is for Intel's and LLVM's runtimes; libgomp ignores it, so it does not count as a choice;
 - threads: `OMP_NUM_THREADS` = the physical cores this process may run on (its CPU affinity
   mask, at most the cgroup CPU quota), divided among the processes of a multi-process launch
   (`LOCAL_WORLD_SIZE` and the like), unless `OMP_NUM_THREADS` or `MKL_NUM_THREADS` is set.
@@ -30,14 +34,15 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 # A bounded spin, then sleep: libgomp's default is 300,000 iterations, PASSIVE is 0. The
-# measurements behind the value are in the README ("CPU defaults of the commands").
-WAIT_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
-# Any of these set by the user means "I chose how OpenMP threads wait": leave waiting alone.
-WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+# measurements behind the value are in the README ("A busy CPU: the OpenMP defaults of the commands").
+WAIT_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
+# Either of these set means "I chose how libgomp's threads wait": leave waiting alone.
+WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # Either of these set by the user fixes torch's intra-op thread count: leave it alone.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Processes per machine, as launchers (torchrun, MPI) announce it: the cores are shared among them.
@@ -152,7 +157,14 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None) -> dict[
 
     Effective only before torch is imported in this process (libgomp reads the variables when it
     is loaded); child processes started later inherit them either way."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
+        if "torch" in sys.modules:
+            warnings.warn(
+                "ddl_hf_launch.apply_cpu_defaults(): torch is already imported, so this process keeps the OpenMP "
+                "settings it started with; only child processes get the defaults. Call it before importing torch.",
+                stacklevel=2,
+            )
     added = cpu_defaults(environ)
     environ.update(added)
     environ.setdefault(APPLIED_MARKER, ",".join(sorted(added)) or "none")

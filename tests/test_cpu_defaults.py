@@ -49,13 +49,18 @@ atexit.register(lambda: print("ENVIRONMENT AT TORCH IMPORT " + json.dumps(_at_to
 # --------------------------------------------------------------------------- pure functions
 def test_defaults_fill_an_empty_environment():
     assert cpu_defaults({}, cores=3) == {**WAIT_DEFAULTS, "OMP_NUM_THREADS": "3"}
-    assert WAIT_DEFAULTS == {"GOMP_SPINCOUNT": "10000"}
+    assert WAIT_DEFAULTS == {"GOMP_SPINCOUNT": "1000"}
 
 
 @pytest.mark.parametrize("name", WAIT_VARIABLES)
 def test_a_waiting_variable_the_user_set_is_kept(name):
     environment = {name: "PASSIVE" if name == "OMP_WAIT_POLICY" else "7"}
     assert cpu_defaults(environment, cores=2) == {"OMP_NUM_THREADS": "2"}
+
+
+def test_kmp_blocktime_is_not_a_choice_for_libgomp():
+    # `accelerate launch --cpu` sets KMP_BLOCKTIME=1 (Intel/LLVM OpenMP), which libgomp ignores.
+    assert cpu_defaults({"KMP_BLOCKTIME": "1", "OMP_NUM_THREADS": "2"}) == WAIT_DEFAULTS
 
 
 @pytest.mark.parametrize("name", THREAD_VARIABLES)
@@ -90,6 +95,15 @@ def test_the_cores_are_shared_among_the_processes_of_a_launch():
         cpu_defaults({"LOCAL_WORLD_SIZE": "two"}, cores=2)
     with pytest.raises(ValueError, match=r"MPI_LOCALNRANKS must be an integer >= 1, got 0"):
         cpu_defaults({"MPI_LOCALNRANKS": "0"}, cores=2)
+
+
+def test_applying_after_torch_was_imported_warns(monkeypatch):
+    for name in WATCHED:  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.warns(UserWarning, match="torch is already imported, so this process keeps the OpenMP settings"):
+        added = ddl_hf_launch.apply_cpu_defaults()
+    assert added == WAIT_DEFAULTS and os.environ["GOMP_SPINCOUNT"] == WAIT_DEFAULTS["GOMP_SPINCOUNT"]
 
 
 def test_zero_cores_is_refused():
