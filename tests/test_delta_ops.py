@@ -369,6 +369,14 @@ def test_reference_paths_switches_and_restores():
 
 # --------------------------------------------------------------------------- whole models
 # `perturb` moves the gates, values and compressors of the models below off their (symmetric) init.
+def padded_batch(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows of 12 random tokens; row 1 is left-padded by 4, which exercises the masked token convolutions."""
+    input_ids = torch.randint(0, vocab_size, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0
+    return input_ids, attention_mask
+
+
 def logits_and_grads(model, input_ids, attention_mask):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)
@@ -380,9 +388,7 @@ def logits_and_grads(model, input_ids, attention_mask):
 @pytest.mark.parametrize("variant", sorted(PRESET_VARIANTS))
 def test_model_logits_and_gradients_equal_the_reference_paths(variant):
     model = perturb(tiny_model(variant), 0.05)
-    input_ids = torch.randint(0, model.config.vocab_size, (3, 12))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0  # a left-padded row exercises the masked token convolutions
+    input_ids, attention_mask = padded_batch(model.config.vocab_size)
     logits, grads = logits_and_grads(model, input_ids, attention_mask)
     with reference_paths():
         ref_logits, ref_grads = logits_and_grads(model, input_ids, attention_mask)
@@ -403,9 +409,7 @@ def test_use_fast_path_false_in_the_config_runs_the_reference_paths(variant):
     reference_model.load_state_dict(fast_model.state_dict())
     flags = [m.use_fast_path for m in reference_model.modules() if hasattr(m, "use_fast_path")]
     assert flags and not any(flags)
-    input_ids = torch.randint(0, fast_model.config.vocab_size, (3, 12))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0
+    input_ids, attention_mask = padded_batch(fast_model.config.vocab_size)
     logits, grads = logits_and_grads(reference_model, input_ids, attention_mask)
     with reference_paths():
         forced_logits, forced_grads = logits_and_grads(fast_model, input_ids, attention_mask)
@@ -421,9 +425,7 @@ def test_float64_model_computes_in_float64(variant):
     """A float64 model is not rounded to float32 anywhere: fast and reference paths agree to float64
     rounding, logits and every gradient, a million times closer than float32 arithmetic could."""
     model = perturb(tiny_model(variant), 0.05).double()
-    input_ids = torch.randint(0, model.config.vocab_size, (3, 12))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :4] = 0
+    input_ids, attention_mask = padded_batch(model.config.vocab_size)
     logits, grads = logits_and_grads(model, input_ids, attention_mask)
     with reference_paths():
         ref_logits, ref_grads = logits_and_grads(model, input_ids, attention_mask)

@@ -44,18 +44,16 @@ from .models.ddl import (  # noqa: E402
 __version__ = "0.1.0"
 
 AutoConfig.register("ddl", DDLConfig, exist_ok=True)
-AutoModel.register(DDLConfig, DDLModel, exist_ok=True)
-AutoModelForCausalLM.register(DDLConfig, DDLForCausalLM, exist_ok=True)
 DDLConfig.register_for_auto_class()
-DDLModel.register_for_auto_class("AutoModel")
-DDLForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-for _auto_class, _head in (
+for _auto_class, _model_class in (
+    (AutoModel, DDLModel),
+    (AutoModelForCausalLM, DDLForCausalLM),
     (AutoModelForSequenceClassification, DDLForSequenceClassification),
     (AutoModelForTokenClassification, DDLForTokenClassification),
     (AutoModelForQuestionAnswering, DDLForQuestionAnswering),
 ):
-    _auto_class.register(DDLConfig, _head, exist_ok=True)
-    _head.register_for_auto_class(_auto_class.__name__)
+    _auto_class.register(DDLConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_class.__name__)
 
 __all__ = [
     "DDLConfig",
