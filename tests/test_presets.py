@@ -145,24 +145,28 @@ def test_preset_errors_name_what_is_allowed(arguments, message):
 
 
 @pytest.mark.parametrize(
-    "variant, layer_type",
+    "variant, layer_types",
     [
-        ("baseline", "full_attention"),
-        ("ddl-scalar", "full_attention"),
-        ("ddl-cc-noec", "full_attention"),
-        ("ddl-cc", "hybrid"),  # EC keeps token-convolution states
-        ("ddl-tc", "hybrid"),
-        ("ddl-tc-noec", "hybrid"),  # TC keeps token-convolution states
-        ("write-only-cc", "hybrid"),
+        ("baseline", ["full_attention"] * 3),
+        ("ddl-scalar", ["full_attention"] * 3),
+        ("ddl-cc-noec", ["full_attention"] * 3),
+        ("ddl-cc", ["hybrid", "full_attention", "full_attention"]),  # only EC keeps conv states, in layer 0
+        ("write-only-cc", ["hybrid", "full_attention", "full_attention"]),
+        ("ddl-tc", ["hybrid"] * 3),  # TC keeps conv states in every layer
+        ("ddl-tc-noec", ["hybrid"] * 3),
     ],
 )
-def test_layer_types_are_derived_from_the_residual_fields(variant, layer_type):
-    config = DDLConfig.from_preset("tiny", variant)
-    assert config.layer_types == [layer_type] * config.num_hidden_layers
-    assert DDLConfig.from_preset("tiny", variant, layer_types=[layer_type] * 2).layer_types == config.layer_types
-    wrong = "hybrid" if layer_type == "full_attention" else "full_attention"
+def test_layer_types_are_derived_from_the_residual_fields(variant, layer_types):
+    config = DDLConfig.from_preset("tiny", variant, num_hidden_layers=3)
+    assert config.layer_types == layer_types
+    assert DDLConfig.from_preset("tiny", variant, num_hidden_layers=3, layer_types=layer_types).layer_types == layer_types
+    # A config.json written before the per-layer layout had every layer "hybrid" when the model had a token
+    # convolution: it loads with the derived layout.
+    legacy = ["hybrid" if "hybrid" in layer_types else "full_attention"] * 3
+    assert DDLConfig.from_preset("tiny", variant, num_hidden_layers=3, layer_types=legacy).layer_types == layer_types
+    wrong = ["full_attention" if layer_type == "hybrid" else "hybrid" for layer_type in layer_types]
     with pytest.raises(ValueError, match="DDLConfig.layer_types is derived"):
-        DDLConfig.from_preset("tiny", variant, layer_types=[wrong] * 2)
+        DDLConfig.from_preset("tiny", variant, num_hidden_layers=3, layer_types=wrong)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -24,10 +24,7 @@ VALUE_ACTIVATIONS = ("sigmoid", "identity")
 
 
 class ConvStateSlot(enum.IntEnum):
-    """Where each short convolution keeps its last K - 1 inputs in a hybrid cache.
-
-    A hybrid cache layer holds `DDLConfig.number_of_conv_states` conv states, indexed by slot
-    (transformers' `state_idx` of `Cache.update_conv_state`):
+    """The short convolutions that keep their last K - 1 inputs in the generation cache.
 
     | slot              | convolution                                  | cache layer                |
     |-------------------|----------------------------------------------|----------------------------|
@@ -36,13 +33,32 @@ class ConvStateSlot(enum.IntEnum):
     | `EMBED_EXPANSION` | embedding convolution (EC)                   | layer 0                    |
     | `READOUT`         | token compressor before the final norm       | the last layer             |
 
-    A slot that no convolution of the model uses stays empty.
+    A cache layer holds exactly the conv states of the slots the model uses there
+    (`DDLConfig.conv_state_slots(layer_idx)`, in this table's order), so that transformers' crop,
+    reorder and batch selection find no empty state: a layer with such slots is `"hybrid"` (attention
+    cache plus conv states), one without is `"full_attention"`. A slot's position in that tuple is its
+    `state_idx` in `Cache.update_conv_state` (`DDLConfig.conv_state_index`).
     """
 
     ATTENTION_INPUT = 0
     MLP_INPUT = 1
     EMBED_EXPANSION = 2
     READOUT = 3
+
+
+class CacheLayerConfig:
+    """One layer's view of a `DDLConfig` for transformers' cache builders: every attribute of the config,
+    with that layer's `number_of_conv_states` (`DDLConfig.conv_state_slots`)."""
+
+    def __init__(self, config: DDLConfig, number_of_conv_states: int) -> None:
+        self._config = config
+        self.number_of_conv_states = number_of_conv_states
+
+    def __getattr__(self, name: str):
+        return getattr(self._config, name)
+
+    def __repr__(self) -> str:
+        return f"CacheLayerConfig(number_of_conv_states={self.number_of_conv_states})"
 
 
 PRESET_SIZES = {
@@ -205,8 +221,9 @@ class DDLConfig(PreTrainedConfig):
     `id2label`, `label2id`), `problem_type` and `pad_token_id` (the sequence classifier pools the last
     token that is not padding).
 
-    `layer_types` is derived: `"hybrid"` layers (attention cache plus short-convolution
-    states) when the model has token convolutions, `"full_attention"` otherwise.
+    `layer_types` is derived: `"hybrid"` for the layers whose cache also holds short-convolution
+    states (`ConvStateSlot`), `"full_attention"` for the others. A `config.json` written before
+    the per-layer layout (every layer `"hybrid"` when the model had a token convolution) loads too.
     """
 
     model_type = "ddl"
@@ -272,8 +289,13 @@ class DDLConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        expected_layer_types = [self.cache_layer_type] * self.num_hidden_layers
-        if self.layer_types is not None and list(self.layer_types) != expected_layer_types:
+        expected_layer_types = [
+            "hybrid" if self.conv_state_slots(layer_idx) else "full_attention"
+            for layer_idx in range(self.num_hidden_layers)
+        ]
+        # Before the per-layer layout every cache layer of a model with a token convolution was "hybrid".
+        legacy_layer_types = ["hybrid" if "hybrid" in expected_layer_types else "full_attention"] * self.num_hidden_layers
+        if self.layer_types is not None and list(self.layer_types) not in (expected_layer_types, legacy_layer_types):
             raise ValueError(
                 f"DDLConfig.layer_types is derived from the residual fields and must be {expected_layer_types!r} "
                 f"(or None), got {self.layer_types!r}"
@@ -383,14 +405,42 @@ class DDLConfig(PreTrainedConfig):
         return self.is_expanded and self.embed_expansion == "conv"
 
     @property
-    def cache_layer_type(self) -> str:
-        """`"hybrid"` when generation must cache short-convolution states, else `"full_attention"`."""
-        return "hybrid" if (self.uses_token_compressor or self.uses_embed_conv) else "full_attention"
+    def has_token_convolutions(self) -> bool:
+        """Whether some convolution mixes tokens (EC or TC): then padded positions must be masked out of it and
+        generation caches its last inputs."""
+        return self.uses_token_compressor or self.uses_embed_conv
+
+    def conv_state_slots(self, layer_idx: int) -> tuple[ConvStateSlot, ...]:
+        """The conv states that cache layer `layer_idx` holds, in `ConvStateSlot` order (see its table)."""
+        slots = []
+        if self.uses_token_compressor:
+            slots += [ConvStateSlot.ATTENTION_INPUT, ConvStateSlot.MLP_INPUT]
+        if layer_idx == 0 and self.uses_embed_conv:
+            slots.append(ConvStateSlot.EMBED_EXPANSION)
+        if layer_idx == self.num_hidden_layers - 1 and self.uses_token_compressor:
+            slots.append(ConvStateSlot.READOUT)
+        return tuple(slots)
+
+    def conv_state_index(self, layer_idx: int, slot: ConvStateSlot) -> int:
+        """`slot`'s `state_idx` in cache layer `layer_idx` (`Cache.update_conv_state`)."""
+        return self.conv_state_slots(layer_idx).index(slot)
 
     @property
-    def number_of_conv_states(self) -> int:
-        """Convolution states per hybrid cache layer (`ConvStateSlot`), read by `DynamicCache(config=...)`."""
-        return len(ConvStateSlot)
+    def per_layer_config(self) -> tuple[CacheLayerConfig, ...]:
+        """Each layer's view of this config, as transformers' cache builders read it (`DynamicCache(config=...)`,
+        `StaticCache`): the model's fields, plus the layer's own `number_of_conv_states`. The layers do not
+        otherwise differ, so the config is not heterogeneous in transformers' sense."""
+        return tuple(
+            CacheLayerConfig(self, len(self.conv_state_slots(layer_idx))) for layer_idx in range(self.num_hidden_layers)
+        )
+
+    @per_layer_config.setter
+    def per_layer_config(self, value) -> None:
+        if value is not None:
+            raise ValueError(
+                "DDLConfig.per_layer_config is derived from the residual fields (the cache layout of each layer); "
+                f"DDL layers do not take per-layer overrides, got {value!r}"
+            )
 
     @property
     def num_hidden_states(self) -> int:

@@ -192,7 +192,7 @@ class DeltaShortcut(nn.Module):
         block_input: torch.Tensor,
         compressor: StateCompressor,
         cache: Cache | None = None,
-        slot: int = 0,
+        state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new state and `compressor`'s read of it, for the next sublayer. (..., d * d_v), (..., d).
@@ -203,7 +203,7 @@ class DeltaShortcut(nn.Module):
         """
         if compressor.kind != "channel":
             new_state = self(state, h, context, block_input)
-            return new_state, compressor(new_state, cache, slot, padding_mask)
+            return new_state, compressor(new_state, cache, state_idx, padding_mask)
         new_state, write = self(state, h, context, block_input, return_write=True)
         return new_state, compressor.read_after_write(block_input, h, write, new_state)
 
@@ -220,7 +220,7 @@ def causal_depthwise_conv(
     weight: torch.Tensor,
     cache: Cache | None = None,
     layer_idx: int = 0,
-    slot: int = 0,
+    state_idx: int = 0,
     padding_mask: torch.Tensor | None = None,
     use_fast_path: bool = True,
     read_weight: torch.Tensor | None = None,
@@ -231,8 +231,9 @@ def causal_depthwise_conv(
         x: (B, T, C) inputs.
         weight: (C_out, 1, K), one filter per output channel: output channel `i * (C_out // C) + j`
             reads input channel i (`F.conv1d` with groups = C).
-        cache: a hybrid `DynamicCache` (or None): prefill stores the last K-1 inputs in
-            `cache.layers[layer_idx]` at conv-state `slot` (see `ConvStateSlot`), decoding reads them back.
+        cache: a `DynamicCache` or `StaticCache` built from the model config (or None): prefill stores the
+            last K-1 inputs as conv state `state_idx` of the hybrid layer `cache.layers[layer_idx]`
+            (`DDLConfig.conv_state_index`), decoding reads them back.
         padding_mask: (B, T) bool, False at padded positions, which are zeroed first so that a
             left-padded row sees exactly what an unpadded row sees.
         read_weight: (C_out // d_v, d_v) or None. Given, the filtered channels are read by a channel
@@ -252,12 +253,15 @@ def causal_depthwise_conv(
                 "This DDL model keeps convolution states in its cache; pass a cache built with "
                 "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
             )
-        decoding = layer.has_previous_state[slot]
+        decoding = layer.has_previous_state[state_idx]
         # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns
         # them followed by x.
-        full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=slot, conv_kernel_size=context)
+        full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=state_idx, conv_kernel_size=context)
         if decoding:
-            x, padding = full[..., -(num_tokens + context) :].transpose(1, 2), 0
+            # While the cache records its past for a later `crop` (assisted decoding), a prompt shorter than K-1
+            # tokens leaves a shorter window: the missing inputs lie before the sequence start, where they are 0.
+            window = full[..., -(num_tokens + context) :]
+            x, padding = F.pad(window, (num_tokens + context - window.shape[-1], 0)).transpose(1, 2), 0
     if read_weight is not None:
         return token_compress(x, weight, read_weight, padding, use_fast_path=use_fast_path)
     return token_conv(x, weight, padding, use_fast_path=use_fast_path)
@@ -334,17 +338,18 @@ class StateCompressor(_StateModule):
         self,
         state: torch.Tensor,
         cache: Cache | None = None,
-        slot: int = 0,
+        state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`state` (B, T, d * d_v) -> (B, T, d); `slot` names the conv state of a token compressor."""
+        """`state` (B, T, d * d_v) -> (B, T, d); a token compressor keeps its inputs as conv state `state_idx`
+        of `cache.layers[cache_layer_idx]` (`DDLConfig.conv_state_index`)."""
         if self.conv_weight is not None:
             return causal_depthwise_conv(
                 state,
                 self.conv_weight,
                 cache,
                 self.cache_layer_idx,
-                slot,
+                state_idx,
                 padding_mask,
                 use_fast_path=self.use_fast_path,
                 read_weight=self.read_weight,
@@ -375,7 +380,7 @@ class EmbedExpansion(_StateModule):
 
     `"conv"` (EC): a depthwise causal convolution over tokens mapping feature i to its d_v
     channels, identity at init (so it starts as repetition), keeping its inputs in
-    `cache.layers[0]` at `slot`; `"repeat"`: copy each feature.
+    `cache.layers[0]` as conv state `state_idx`; `"repeat"`: copy each feature.
     """
 
     def __init__(
@@ -384,11 +389,11 @@ class EmbedExpansion(_StateModule):
         value_channels: int,
         kind: str = "conv",
         conv_size: int = 4,
-        slot: int = 0,
+        state_idx: int = 0,
         use_fast_path: bool = True,
     ) -> None:
         super().__init__(hidden_size, value_channels, kind, use_fast_path)
-        self.slot = slot
+        self.state_idx = state_idx
         self._register_filters(kind == "conv", conv_size)
         self.reset_parameters()
 
@@ -398,7 +403,7 @@ class EmbedExpansion(_StateModule):
         if self.conv_weight is None:
             return embeddings.repeat_interleave(self.value_channels, dim=-1)
         return causal_depthwise_conv(
-            embeddings, self.conv_weight, cache, 0, self.slot, padding_mask, use_fast_path=self.use_fast_path
+            embeddings, self.conv_weight, cache, 0, self.state_idx, padding_mask, use_fast_path=self.use_fast_path
         )
 
 

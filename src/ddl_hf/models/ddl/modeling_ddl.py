@@ -326,12 +326,17 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         self.mlp_shortcut = _make_shortcut(config, layer_idx, "mlp")
         # The block's width-d read of its input state, as `output_hidden_states` reports it.
         self.state_read = DDLStateRead()
+        self.conv_state_slots = config.conv_state_slots(layer_idx)
+
+    def _state_idx(self, slot: ConvStateSlot) -> int:
+        """Where this layer's cache keeps `slot`'s conv state (a channel compressor keeps none)."""
+        return self.conv_state_slots.index(slot) if slot in self.conv_state_slots else 0
 
     def _read(self, state, slot, cache, padding_mask) -> torch.Tensor:
         """The sublayer's width-d input: the state itself when d_v = 1."""
         if self.compressor is None:
             return state
-        return self.compressor(state, cache, slot, padding_mask)
+        return self.compressor(state, cache, self._state_idx(slot), padding_mask)
 
     def _write_and_read(self, state, h, context, block_input, cache, padding_mask):
         """The attention's write, and the MLP's read of the new state (`DeltaShortcut.write_and_read`)."""
@@ -339,7 +344,7 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
             state = state + h
         elif self.compressor is not None:
             return self.attn_shortcut.write_and_read(
-                state, h, context, block_input, self.compressor, cache, ConvStateSlot.MLP_INPUT, padding_mask
+                state, h, context, block_input, self.compressor, cache, self._state_idx(ConvStateSlot.MLP_INPUT), padding_mask
             )
         else:
             state = self.attn_shortcut(state, h, context, block_input)
@@ -552,7 +557,7 @@ class DDLModel(DDLPreTrainedModel):
                 config.value_channels,
                 config.embed_expansion,
                 config.embed_conv_size,
-                slot=ConvStateSlot.EMBED_EXPANSION,
+                state_idx=config.conv_state_index(0, ConvStateSlot.EMBED_EXPANSION) if config.uses_embed_conv else 0,
                 use_fast_path=config.use_fast_path,
             )
             if config.is_expanded
@@ -561,6 +566,10 @@ class DDLModel(DDLPreTrainedModel):
         self.initial_state = DDLInitialState()
         self.layers = nn.ModuleList(DDLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.readout = _make_compressor(config, cache_layer_idx=config.num_hidden_layers - 1)
+        last_layer = config.num_hidden_layers - 1
+        self.readout_state_idx = (
+            config.conv_state_index(last_layer, ConvStateSlot.READOUT) if config.uses_token_compressor else 0
+        )
         # The readout before the final norm, as the last entry of `output_hidden_states` records it.
         self.final_read = DDLStateRead()
         self.norm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -661,7 +670,9 @@ class DDLModel(DDLPreTrainedModel):
         self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and cache is None:
+        # A training forward never builds a cache (the default `use_cache=True` is meant for generation); one that
+        # is passed is still filled.
+        if use_cache and cache is None and not (self.training and torch.is_grad_enabled()):
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
@@ -682,7 +693,7 @@ class DDLModel(DDLPreTrainedModel):
                 cache=cache,
                 position_ids=position_ids,
             )
-            if self.config.cache_layer_type == "hybrid" and attention_mask is not None and attention_mask.dim() == 2:
+            if self.config.has_token_convolutions and attention_mask is not None and attention_mask.dim() == 2:
                 padding_mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
 
         state = inputs_embeds
@@ -701,7 +712,7 @@ class DDLModel(DDLPreTrainedModel):
                 padding_mask=padding_mask,
                 **kwargs,
             )
-        read = state if self.readout is None else self.readout(state, cache, ConvStateSlot.READOUT, padding_mask)
+        read = state if self.readout is None else self.readout(state, cache, self.readout_state_idx, padding_mask)
         return DDLModelOutputWithPast(last_hidden_state=self.norm(self.final_read(read)), cache=cache)
 
 
