@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import perturb, random_tokens, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
+from conftest import perturb, random_tokens, tiny_model
 from ddl_hf import PRESET_VARIANTS
 from ddl_hf.models.ddl.configuration_ddl import ConvStateSlot
 

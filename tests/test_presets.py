@@ -159,7 +159,9 @@ def test_preset_errors_name_what_is_allowed(arguments, message):
 def test_layer_types_are_derived_from_the_residual_fields(variant, layer_types):
     config = DDLConfig.from_preset("tiny", variant, num_hidden_layers=3)
     assert config.layer_types == layer_types
-    assert DDLConfig.from_preset("tiny", variant, num_hidden_layers=3, layer_types=layer_types).layer_types == layer_types
+    assert (
+        DDLConfig.from_preset("tiny", variant, num_hidden_layers=3, layer_types=layer_types).layer_types == layer_types
+    )
     # A config.json written before the per-layer layout had every layer "hybrid" when the model had a token
     # convolution: it loads with the derived layout.
     legacy = ["hybrid" if "hybrid" in layer_types else "full_attention"] * 3

@@ -294,7 +294,8 @@ class DDLConfig(PreTrainedConfig):
             for layer_idx in range(self.num_hidden_layers)
         ]
         # Before the per-layer layout every cache layer of a model with a token convolution was "hybrid".
-        legacy_layer_types = ["hybrid" if "hybrid" in expected_layer_types else "full_attention"] * self.num_hidden_layers
+        legacy_type = "hybrid" if "hybrid" in expected_layer_types else "full_attention"
+        legacy_layer_types = [legacy_type] * self.num_hidden_layers
         if self.layer_types is not None and list(self.layer_types) not in (expected_layer_types, legacy_layer_types):
             raise ValueError(
                 f"DDLConfig.layer_types is derived from the residual fields and must be {expected_layer_types!r} "

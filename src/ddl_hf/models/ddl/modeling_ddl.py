@@ -343,8 +343,9 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         if self.attn_shortcut is None:
             state = state + h
         elif self.compressor is not None:
+            mlp_input_idx = self._state_idx(ConvStateSlot.MLP_INPUT)
             return self.attn_shortcut.write_and_read(
-                state, h, context, block_input, self.compressor, cache, self._state_idx(ConvStateSlot.MLP_INPUT), padding_mask
+                state, h, context, block_input, self.compressor, cache, mlp_input_idx, padding_mask
             )
         else:
             state = self.attn_shortcut(state, h, context, block_input)
