@@ -162,7 +162,7 @@ def test_a_saved_head_reloads_bit_exact_and_its_folder_loads_the_backbone(auto_c
     assert config_json["auto_map"] == {
         "AutoConfig": "configuration_ddl.DDLConfig",
         "AutoModel": "modeling_ddl.DDLModel",
-        auto_class.__name__: f"modeling_ddl.{head_class.__name__}",
+        auto_class.__name__: f"modeling_ddl_heads.{head_class.__name__}",
     }
     assert config_json["architectures"] == [head_class.__name__]
     ids = random_tokens(2, 6, seed=6, low=1)
@@ -230,7 +230,7 @@ def test_each_head_loads_as_remote_code_in_a_fresh_process_without_the_package(t
     for auto_name, (outputs, hidden) in expected.items():
         result = results[auto_name]
         assert result["class"] == folders[auto_name]
-        assert result["module"].startswith("transformers_modules.") and result["module"].endswith(".modeling_ddl")
+        assert result["module"].startswith("transformers_modules.") and result["module"].endswith(".modeling_ddl_heads")
         assert result["outputs"].keys() == outputs.keys()
         assert all(torch.equal(result["outputs"][key], outputs[key]) for key in outputs), auto_name
         assert result["backbone_class"] == "DDLModel"

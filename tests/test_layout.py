@@ -46,7 +46,16 @@ def model_files() -> list[Path]:
 
 def test_the_model_folder_holds_the_remote_code_files():
     names = {path.name for path in model_files()}
-    assert {"configuration_ddl.py", "modeling_ddl.py", "delta_layers.py", "delta_ops.py"} <= names
+    assert {
+        "configuration_ddl.py",
+        "modeling_ddl.py",
+        "modeling_ddl_heads.py",
+        "modeling_outputs_ddl.py",
+        "delta_layers.py",
+        "delta_ops.py",
+        "input_checks.py",
+        "checkpoint_checks.py",
+    } <= names
 
 
 @pytest.mark.parametrize("path", model_files(), ids=lambda path: path.name)

@@ -23,23 +23,18 @@ from transformers import (  # noqa: E402
 )
 
 from .delta_stats import DeltaStatsRecorder, record_delta_stats  # noqa: E402
+
+# The model folder's public names (its `__all__`), then the classes registered below.
+from .models.ddl import *  # noqa: E402, F403
 from .models.ddl import (  # noqa: E402
-    PRESET_SIZES,
-    PRESET_VARIANTS,
     DDLConfig,
     DDLForCausalLM,
     DDLForQuestionAnswering,
     DDLForSequenceClassification,
     DDLForTokenClassification,
     DDLModel,
-    DDLPreTrainedModel,
-    DeltaShortcut,
-    EmbedExpansion,
-    StateCompressor,
-    delta_update_reference,
-    reference_paths,
-    unit_direction,
 )
+from .models.ddl import __all__ as _model_names  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -55,23 +50,4 @@ for _auto_class, _model_class in (
     _auto_class.register(DDLConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_class.__name__)
 
-__all__ = [
-    "DDLConfig",
-    "DDLModel",
-    "DDLForCausalLM",
-    "DDLForSequenceClassification",
-    "DDLForTokenClassification",
-    "DDLForQuestionAnswering",
-    "DDLPreTrainedModel",
-    "DeltaShortcut",
-    "StateCompressor",
-    "record_delta_stats",
-    "DeltaStatsRecorder",
-    "EmbedExpansion",
-    "PRESET_SIZES",
-    "PRESET_VARIANTS",
-    "delta_update_reference",
-    "unit_direction",
-    "reference_paths",
-    "__version__",
-]
+__all__ = [*_model_names, "record_delta_stats", "DeltaStatsRecorder", "__version__"]

@@ -100,6 +100,28 @@ def loading_problems(
     return problems
 
 
+def check_loaded_weights(
+    model: nn.Module, loading_info: dict, allow_mismatched: bool, pretrained_model_name_or_path, subfolder: str = ""
+) -> None:
+    """Raise a `ValueError` naming the weights file when the DDL backbone of the loaded `model` is not exactly
+    the checkpoint's: missing, unexpected or (unless `allow_mismatched`) reshaped weights. Missing weights of a
+    task head (any child module of a head class other than the backbone) are allowed: transformers initialises
+    and reports them."""
+    head_prefixes = () if model.base_model is model else tuple(f"{name}." for name, _ in model.named_children())
+    head_prefixes = tuple(prefix for prefix in head_prefixes if prefix != f"{model.base_model_prefix}.")
+    problems = loading_problems(loading_info, allow_mismatched, allowed_missing_prefixes=head_prefixes)
+    if problems:
+        config = model.config
+        raise ValueError(
+            f"{weights_source(pretrained_model_name_or_path, subfolder)} does not match the {type(model).__name__} "
+            f"its config.json describes ({config.variant_name}, hidden_size={config.hidden_size}, "
+            f"value_channels={config.value_channels}): "
+            + "; ".join(problems)
+            + ". Refusing to return a partly initialized model: config.json and the weights must come from "
+            "the same save_pretrained call."
+        )
+
+
 def align_cpu_tensors(model: nn.Module, alignment: int = 64) -> None:
     """Copy CPU parameters and buffers that start off an `alignment`-byte boundary into fresh memory.
 

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
+from .configuration_ddl import ConvStateSlot, DDLConfig
 from .delta_ops import (
     channel_compress,
     channel_compress_after_write,
@@ -407,4 +408,64 @@ class EmbedExpansion(_StateModule):
         )
 
 
-__all__ = ["DeltaShortcut", "StateCompressor", "EmbedExpansion", "causal_depthwise_conv"]
+# --------------------------------------------------------------------------- built from a DDLConfig
+def shortcut_from_config(config: DDLConfig, layer_idx: int, sublayer: str) -> DeltaShortcut | None:
+    """The residual write of one sublayer: None means the additive `x + h`."""
+    if config.residual_mode == "additive":
+        return None
+    return DeltaShortcut(
+        config.hidden_size,
+        value_channels=config.value_channels,
+        mode=config.residual_mode,
+        beta_init=config.beta_init,
+        gate_hidden_size=config.gate_hidden_size,
+        k_eps=config.k_eps,
+        value_input=config.value_input,
+        value_activation=config.value_activation,
+        value_scale=config.value_scale,
+        layer_idx=layer_idx,
+        sublayer=sublayer,
+        # The block's input state is kept by the attention's read and its output by the next block's read,
+        # so the attention write keeps its input and the MLP write its output: no state is kept twice.
+        keep_output_for_backward=sublayer == "mlp",
+        use_fast_path=config.use_fast_path,
+    )
+
+
+def compressor_from_config(config: DDLConfig, cache_layer_idx: int) -> StateCompressor | None:
+    """The width-d read of the state that a block (or the readout) takes: None when d_v = 1."""
+    if not config.is_expanded:
+        return None
+    return StateCompressor(
+        config.hidden_size,
+        config.value_channels,
+        config.state_compressor,
+        config.state_conv_size,
+        cache_layer_idx=cache_layer_idx,
+        use_fast_path=config.use_fast_path,
+    )
+
+
+def embed_expansion_from_config(config: DDLConfig) -> EmbedExpansion | None:
+    """The first residual state from the embeddings: None when d_v = 1."""
+    if not config.is_expanded:
+        return None
+    return EmbedExpansion(
+        config.hidden_size,
+        config.value_channels,
+        config.embed_expansion,
+        config.embed_conv_size,
+        state_idx=config.conv_state_index(0, ConvStateSlot.EMBED_EXPANSION) if config.uses_embed_conv else 0,
+        use_fast_path=config.use_fast_path,
+    )
+
+
+__all__ = [
+    "DeltaShortcut",
+    "StateCompressor",
+    "EmbedExpansion",
+    "causal_depthwise_conv",
+    "shortcut_from_config",
+    "compressor_from_config",
+    "embed_expansion_from_config",
+]

@@ -94,15 +94,7 @@ def unit_direction(h: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(h.square().sum(-1, keepdim=True) + eps * eps)
 
 
-def delta_update_reference(
-    state: torch.Tensor,
-    h: torch.Tensor,
-    beta: torch.Tensor,
-    v: torch.Tensor,
-    eps: float,
-    erase: bool = True,
-    return_write: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def delta_update_reference(state, h, beta, v, eps: float, erase=True, return_write=False):
     """Plain reference of the Delta rewrite.
 
     Args:

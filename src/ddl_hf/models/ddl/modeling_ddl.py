@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +33,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import (
-    GenericForQuestionAnswering,
-    GenericForSequenceClassification,
-    GenericForTokenClassification,
-    GradientCheckpointingLayer,
-)
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
@@ -49,10 +42,19 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .checkpoint_checks import align_cpu_tensors, check_safetensors_files, loading_problems, weights_source
+from .checkpoint_checks import align_cpu_tensors, check_loaded_weights, check_safetensors_files
 from .configuration_ddl import ConvStateSlot, DDLConfig
-from .delta_layers import DeltaShortcut, EmbedExpansion, StateCompressor
+from .delta_layers import (
+    DeltaShortcut,
+    EmbedExpansion,
+    StateCompressor,
+    compressor_from_config,
+    embed_expansion_from_config,
+    shortcut_from_config,
+)
+from .input_checks import check_labels, check_model_inputs
 from .model_card import MODEL_CARD_NAME, is_generated_model_card, write_model_card
+from .modeling_outputs_ddl import DDLCausalLMOutputWithPast, DDLInitialState, DDLModelOutputWithPast, DDLStateRead
 
 
 class DDLRMSNorm(nn.Module):
@@ -225,86 +227,6 @@ class DDLMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DDLStateRead(nn.Module):
-    """Marks the width-d read of the residual state that a block (or the final norm) takes. Identity.
-
-    `output_hidden_states` records what these modules return: `DDLDecoderLayer.state_read` passes the
-    block's attention input (its compressor's read of the state, the state itself when d_v = 1) and
-    `DDLModel.final_read` the readout before the final norm. The read is computed anyway, so recording
-    it costs nothing and touches no cache.
-    """
-
-    def forward(self, read: torch.Tensor) -> torch.Tensor:
-        return read
-
-
-class DDLInitialState(nn.Module):
-    """Marks the initial residual state (the expanded embeddings), the first entry that
-    `output_residual_states` records; the blocks' outputs follow. Identity."""
-
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return state
-
-
-@dataclass
-class DDLModelOutputWithPast(BaseModelOutputWithPast):
-    r"""
-    residual_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_residual_states=True`):
-        The full residual states, `num_hidden_layers + 1` tensors of shape (batch, seq_len, d * d_v)
-        (feature major: `X[i, j]` at `i * d_v + j`): entry 0 the initial state (the expanded
-        embeddings), entry i the state after block i. The last entry is the state itself, not the
-        normalized readout.
-    """
-
-    residual_states: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class DDLCausalLMOutputWithPast(CausalLMOutputWithPast):
-    r"""
-    residual_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_residual_states=True`):
-        The full (batch, seq_len, d * d_v) residual states; see `DDLModelOutputWithPast`.
-    """
-
-    residual_states: tuple[torch.FloatTensor, ...] | None = None
-
-
-def _make_shortcut(config: DDLConfig, layer_idx: int, sublayer: str) -> DeltaShortcut | None:
-    """The residual write of one sublayer: None means the additive `x + h`."""
-    if config.residual_mode == "additive":
-        return None
-    return DeltaShortcut(
-        config.hidden_size,
-        value_channels=config.value_channels,
-        mode=config.residual_mode,
-        beta_init=config.beta_init,
-        gate_hidden_size=config.gate_hidden_size,
-        k_eps=config.k_eps,
-        value_input=config.value_input,
-        value_activation=config.value_activation,
-        value_scale=config.value_scale,
-        layer_idx=layer_idx,
-        sublayer=sublayer,
-        # The block's input state is kept by the attention's read and its output by the next block's read,
-        # so the attention write keeps its input and the MLP write its output: no state is kept twice.
-        keep_output_for_backward=sublayer == "mlp",
-        use_fast_path=config.use_fast_path,
-    )
-
-
-def _make_compressor(config: DDLConfig, cache_layer_idx: int) -> StateCompressor | None:
-    if not config.is_expanded:
-        return None
-    return StateCompressor(
-        config.hidden_size,
-        config.value_channels,
-        config.state_compressor,
-        config.state_conv_size,
-        cache_layer_idx=cache_layer_idx,
-        use_fast_path=config.use_fast_path,
-    )
-
-
 class DDLDecoderLayer(GradientCheckpointingLayer):
     """One pre-norm block whose two residual writes are Delta rewrites (or additions).
 
@@ -321,9 +243,9 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         self.mlp = DDLMLP(config)
         self.input_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DDLRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.compressor = _make_compressor(config, layer_idx)
-        self.attn_shortcut = _make_shortcut(config, layer_idx, "attention")
-        self.mlp_shortcut = _make_shortcut(config, layer_idx, "mlp")
+        self.compressor = compressor_from_config(config, layer_idx)
+        self.attn_shortcut = shortcut_from_config(config, layer_idx, "attention")
+        self.mlp_shortcut = shortcut_from_config(config, layer_idx, "mlp")
         # The block's width-d read of its input state, as `output_hidden_states` reports it.
         self.state_read = DDLStateRead()
         self.conv_state_slots = config.conv_state_slots(layer_idx)
@@ -475,18 +397,7 @@ class DDLPreTrainedModel(PreTrainedModel):
         align_cpu_tensors(model)
         if wants_loading_info:
             return model, loading_info
-        head_prefixes = () if model.base_model is model else tuple(f"{name}." for name, _ in model.named_children())
-        head_prefixes = tuple(prefix for prefix in head_prefixes if prefix != f"{cls.base_model_prefix}.")
-        problems = loading_problems(loading_info, allow_mismatched, allowed_missing_prefixes=head_prefixes)
-        if problems:
-            source = weights_source(pretrained_model_name_or_path, subfolder)
-            raise ValueError(
-                f"{source} does not match the {cls.__name__} its config.json describes ({model.config.variant_name}, "
-                f"hidden_size={model.config.hidden_size}, value_channels={model.config.value_channels}): "
-                + "; ".join(problems)
-                + ". Refusing to return a partly initialized model: config.json and the weights must come from "
-                "the same save_pretrained call."
-            )
+        check_loaded_weights(model, loading_info, allow_mismatched, pretrained_model_name_or_path, subfolder)
         return model
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
@@ -497,10 +408,9 @@ class DDLPreTrainedModel(PreTrainedModel):
         if self._auto_class is not None:
             # transformers writes only the saved class's own `auto_map` entry; advertise the backbone too,
             # so that `AutoModel.from_pretrained(dir, trust_remote_code=True)` works on a causal-LM folder.
-            module_name = saved_class.__module__.rsplit(".", 1)[-1]
             self.config.auto_map = {
                 **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModel": f"{module_name}.DDLModel",
+                "AutoModel": "modeling_ddl.DDLModel",
             }
         if saved_class is type(self):
             super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
@@ -552,21 +462,10 @@ class DDLModel(DDLPreTrainedModel):
         # No `padding_idx`: padded positions are masked anyway, and tokenizers often pad with EOS, whose
         # embedding must keep learning.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_expansion = (
-            EmbedExpansion(
-                config.hidden_size,
-                config.value_channels,
-                config.embed_expansion,
-                config.embed_conv_size,
-                state_idx=config.conv_state_index(0, ConvStateSlot.EMBED_EXPANSION) if config.uses_embed_conv else 0,
-                use_fast_path=config.use_fast_path,
-            )
-            if config.is_expanded
-            else None
-        )
+        self.embed_expansion = embed_expansion_from_config(config)
         self.initial_state = DDLInitialState()
         self.layers = nn.ModuleList(DDLDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.readout = _make_compressor(config, cache_layer_idx=config.num_hidden_layers - 1)
+        self.readout = compressor_from_config(config, cache_layer_idx=config.num_hidden_layers - 1)
         last_layer = config.num_hidden_layers - 1
         self.readout_state_idx = (
             config.conv_state_index(last_layer, ConvStateSlot.READOUT) if config.uses_token_compressor else 0
@@ -583,72 +482,6 @@ class DDLModel(DDLPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
-
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, cache, position_ids=None) -> None:
-        """Clear ValueErrors for malformed inputs, before any embedding lookup or indexing can fail.
-
-        Never synchronises with the host: shapes, dtypes and the cache's batch are read from metadata; the
-        id range, and the mask length against a static cache's tensor length, only where that is free
-        (eager, CPU tensors)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("DDLModel.forward needs exactly one of `input_ids` or `inputs_embeds`")
-        tokens = input_ids if input_ids is not None else inputs_embeds
-        if input_ids is not None and input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        if input_ids is not None and (input_ids.is_floating_point() or input_ids.is_complex()):
-            raise ValueError(f"`input_ids` must be an integer tensor of token ids, got dtype {input_ids.dtype}")
-        if inputs_embeds is not None and (
-            inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size
-        ):
-            raise ValueError(
-                f"`inputs_embeds` must have shape (batch, seq_len, {self.config.hidden_size}), "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        batch, length = tokens.shape[:2]
-        if length == 0 or batch == 0:
-            raise ValueError(f"empty input: `input_ids`/`inputs_embeds` has shape {tuple(tokens.shape)}")
-        # Value checks only where reading the values is free (see `_values_are_free`); on an accelerator an
-        # out-of-range id stops the embedding lookup with a device-side assert instead.
-        if input_ids is not None and _values_are_free(input_ids):
-            low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(
-                    f"`input_ids` must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]"
-                )
-        cached_batch = _cache_batch_size(cache) if cache is not None else None
-        if cached_batch is not None and cached_batch != batch:
-            raise ValueError(f"`cache` holds a batch of {cached_batch} sequences but the input has batch {batch}")
-        past = _past_length(cache)
-        if (
-            past is not None
-            and attention_mask is not None
-            and attention_mask.dim() == 2
-            and attention_mask.shape != (batch, past + length)
-        ):
-            raise ValueError(
-                f"`attention_mask` must have shape (batch, past + seq_len) = ({batch}, {past + length}), "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if attention_mask is not None and attention_mask.dim() not in (2, 4):
-            raise ValueError(
-                "`attention_mask` must be a (batch, past + seq_len) padding mask or a (batch, 1, seq_len, kv_len) "
-                f"mask, got shape {tuple(attention_mask.shape)}"
-            )
-        if (
-            attention_mask is not None
-            and attention_mask.dim() == 4
-            and (attention_mask.shape[0] != batch or attention_mask.shape[2] != length)
-        ):
-            raise ValueError(
-                f"a 4D `attention_mask` must have shape ({batch}, 1 or heads, {length}, kv_len), "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if position_ids is not None and (
-            position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length
-        ):
-            raise ValueError(
-                f"`position_ids` must have shape ({batch} or 1, {length}), got {tuple(position_ids.shape)}"
-            )
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
@@ -668,7 +501,7 @@ class DDLModel(DDLPreTrainedModel):
         prebuilt_masks = attention_mask if isinstance(attention_mask, dict) else None
         if prebuilt_masks is not None:
             attention_mask = None
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache, position_ids)
+        check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, position_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         # A training forward never builds a cache (the default `use_cache=True` is meant for generation); one that
@@ -717,48 +550,6 @@ class DDLModel(DDLPreTrainedModel):
         return DDLModelOutputWithPast(last_hidden_state=self.norm(self.final_read(read)), cache=cache)
 
 
-def _values_are_free(tensor: torch.Tensor) -> bool:
-    """Whether reading `tensor`'s values costs no host synchronisation: eager (not under `torch.compile`,
-    where it would break the graph) and on the CPU (on an accelerator it would stall the device queue)."""
-    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _past_length(cache: Cache | None) -> int | None:
-    """Tokens held by `cache` as a Python int; None when only a tensor that is not free to read knows it
-    (a static cache on an accelerator, or under `torch.compile`)."""
-    if cache is None:
-        return 0
-    past = cache.get_seq_length()
-    if isinstance(past, torch.Tensor):
-        return int(past) if _values_are_free(past) else None
-    return past
-
-
-def _check_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Labels must be token ids or `ignore_index`: cross-entropy would otherwise fail on an index error.
-    The dtype is always checked; the values only where that is free (`_values_are_free`): on an accelerator
-    an out-of-range label stops cross-entropy with a device-side assert instead."""
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"`labels` must be an integer tensor of token ids, got dtype {labels.dtype}")
-    if not _values_are_free(labels):
-        return
-    invalid = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(invalid.any()):
-        raise ValueError(
-            f"`labels` must be token ids in [0, vocab_size={vocab_size}) or {ignore_index} (no loss), "
-            f"got {int(labels[invalid][0])}"
-        )
-
-
-def _cache_batch_size(cache: Cache) -> int | None:
-    """The batch of the cached keys, from their shape (no host synchronisation); None while nothing is cached."""
-    for layer in getattr(cache, "layers", []):
-        keys = getattr(layer, "keys", None)
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel() > 0:
-            return keys.shape[0]
-    return None
-
-
 class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
     """DDL decoder with a (tied) language-modeling head."""
 
@@ -780,10 +571,7 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DDLCausalLMOutputWithPast:
@@ -794,23 +582,17 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
         logits_to_keep (`int` or `torch.Tensor`):
             Compute logits only for the last `logits_to_keep` positions (0 = all), or for the
             given indices.
+        kwargs:
+            The other arguments of `DDLModel.forward` (`cache`, `inputs_embeds`, `use_cache`,
+            `output_hidden_states`, ...), passed to the backbone as they are.
         """
+        # `attention_mask` and `position_ids` stay named: `generate` and `Trainer` look them up in this signature.
         if labels is not None:
-            reference = input_ids if input_ids is not None else inputs_embeds
-            if reference is not None and labels.shape != reference.shape[:2]:
-                raise ValueError(
-                    f"`labels` must have the shape of the inputs {tuple(reference.shape[:2])}, "
-                    f"got {tuple(labels.shape)}"
-                )
-            _check_labels(labels, self.config.vocab_size, kwargs.get("ignore_index", -100))
+            check_labels(
+                labels, input_ids, kwargs.get("inputs_embeds"), self.config.vocab_size, kwargs.get("ignore_index", -100)
+            )
         outputs: DDLModelOutputWithPast = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
@@ -827,54 +609,6 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
         )
 
 
-# --------------------------------------------------------------------------- task heads
-# transformers' generic heads on the DDL backbone: they read `last_hidden_state`, the final normalized
-# readout of width d. The backbone is built directly rather than through `AutoModel.from_config`, which
-# would not find the DDL classes in a process that loads them as remote code. Loading a checkpoint without
-# the head (a `DDLForCausalLM` or `DDLModel` folder) initializes the head and reports it as missing
-# (`DDLPreTrainedModel.from_pretrained`); the backbone weights must all be there.
-class DDLForSequenceClassification(GenericForSequenceClassification, DDLPreTrainedModel):
-    """DDL decoder with a linear `score` head (no bias) on the last non-padding token of each row.
-
-    The last token is the rightmost one that is not `config.pad_token_id` (left and right padding both
-    work; pass the `attention_mask` too); a batch of more than one row needs `pad_token_id`. `labels`:
-    class ids (`problem_type` single-label), floats for `num_labels == 1` (regression) or multi-hot rows
-    (multi-label), as in every transformers sequence classifier.
-    """
-
-    def __init__(self, config: DDLConfig) -> None:
-        DDLPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = DDLModel(config)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        self.post_init()
-
-
-class DDLForTokenClassification(GenericForTokenClassification, DDLPreTrainedModel):
-    """DDL decoder with dropout (`config.classifier_dropout`, default 0.1) and a linear `score` head on every
-    token; `labels` (batch, seq_len) with -100 for positions without loss."""
-
-    def __init__(self, config: DDLConfig) -> None:
-        DDLPreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = DDLModel(config)
-        dropout = getattr(config, "classifier_dropout", None)
-        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)
-        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=True)
-        self.post_init()
-
-
-class DDLForQuestionAnswering(GenericForQuestionAnswering, DDLPreTrainedModel):
-    """DDL decoder with a linear `qa_outputs` head giving span start and end logits for every token
-    (extractive question answering); `start_positions` and `end_positions` for the loss."""
-
-    def __init__(self, config: DDLConfig) -> None:
-        DDLPreTrainedModel.__init__(self, config)
-        self.model = DDLModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
-        self.post_init()
-
-
 __all__ = [
     "DDLRMSNorm",
     "DDLAttention",
@@ -883,9 +617,6 @@ __all__ = [
     "DDLPreTrainedModel",
     "DDLModel",
     "DDLForCausalLM",
-    "DDLForSequenceClassification",
-    "DDLForTokenClassification",
-    "DDLForQuestionAnswering",
     "DDLModelOutputWithPast",
     "DDLCausalLMOutputWithPast",
 ]
