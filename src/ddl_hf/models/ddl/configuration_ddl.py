@@ -21,6 +21,14 @@ STATE_COMPRESSORS = ("channel", "token")
 EMBED_EXPANSIONS = ("conv", "repeat")
 VALUE_INPUTS = ("state", "context")
 VALUE_ACTIVATIONS = ("sigmoid", "identity")
+QK_NORM_POSITIONS = ("after_rope", "before_rope")
+COMPRESSOR_FORMS = ("factored", "free")
+INIT_SCHEMES = ("authors", "neutral")
+
+# What a `config.json` written before these fields existed meant: ddl_hf's earlier forms. `DDLConfig.from_dict`
+# fills them in for a dict that lacks them, so an old checkpoint keeps its meaning; new configs default to the
+# authors' forms.
+LEGACY_FIELD_VALUES = {"qk_norm_position": "before_rope", "compressor_form": "free", "init_scheme": "neutral"}
 
 
 class ConvStateSlot(enum.IntEnum):
@@ -186,8 +194,13 @@ class DDLConfig(PreTrainedConfig):
     (SwiGLU width; `None` gives floor(8 d / 3) as in the paper), `num_hidden_layers`,
     `num_attention_heads`, `num_key_value_heads` (`None` = multi-head attention),
     `head_dim` (`None` = hidden_size / num_attention_heads), `max_position_embeddings`,
-    `rope_parameters`, `rms_norm_eps`, `use_qk_norm` (RMSNorm on each head's queries and
-    keys), `tie_word_embeddings`, `initializer_range` (std of embeddings and LM head).
+    `rope_parameters`, `rms_norm_eps` (1e-5, the authors' value, in every RMSNorm), `use_qk_norm`
+    (RMSNorm with a learned gain on each head's queries and keys), `tie_word_embeddings`,
+    `initializer_range` (std of embeddings and LM head).
+
+    - `qk_norm_position`: `"after_rope"` (the authors' code: `q = g_q * RMSNorm(RoPE(W_q c))`, same
+      for k) or `"before_rope"` (ddl_hf before 2026-12: `RoPE(g_q * RMSNorm(W_q c))`). The two agree
+      while the gains are uniform (RMS is rotation invariant) and differ once they train.
 
     Residual fields:
 
@@ -199,15 +212,28 @@ class DDLConfig(PreTrainedConfig):
       1 is the ordinary vector stream. `"additive"` requires 1.
     - `state_compressor`: how a block reads its width-d input from `X` when d_v > 1:
       `"channel"` (CC, per-feature weighted sum over the d_v values) or `"token"` (TC, a
-      depthwise causal convolution over tokens of width `state_conv_size`, then the
-      per-feature weighted sum).
+      depthwise causal convolution over tokens of width `state_conv_size`, then the weighted
+      sum over the d_v values).
+    - `compressor_form`: how that weighted sum `x_in[i] = sum_j W[i, j] X[i, j]` is parameterized.
+      `"factored"` (the authors' code): CC convolves each feature's d_v values with its own kernel
+      (d, `channel_kernel_size`), 'same' padded (left (K-1)//2), then reads them with one vector
+      r (d_v,) shared by all features, so `W[i, j] = sum_u r[u] kernel[i, j - u + (K-1)//2]`; TC reads
+      its filtered channels with the shared r alone (`W[i, j] = r[j]`). `"free"` (ddl_hf before
+      2026-12): W (d, d_v) is learned freely, for CC and TC alike.
     - `embed_expansion`: how the token embedding becomes the first state when d_v > 1:
       `"conv"` (EC, a depthwise causal convolution over tokens of width
       `embed_conv_size` mapping each feature to its d_v channels, identity at init) or
       `"repeat"` (copy the embedding into every channel).
     - `beta_init`: gate value at initialization, in [0, 2]; the gate bias starts at
-      logit(beta_init / 2), with beta_init / 2 clamped to [1e-4, 1 - 1e-4] so that the
+      logit(beta_init / 2), with beta_init / 2 clamped (see `init_scheme`) so that the
       endpoints give a finite bias.
+    - `init_scheme`: `"authors"` (their code): every matrix N(0, 0.5 / sqrt(d)) (attention and MLP
+      output projections / sqrt(L), embeddings N(0, initializer_range)), compressor kernels and TC
+      filters included; read vectors 1 / d_v; EC filters the identity; value biases
+      U(-1/sqrt(d), 1/sqrt(d)) (PyTorch's Linear default); beta_init / 2 clamped to
+      [1e-6, 1 - 1e-6]. `"neutral"` (ddl_hf before 2026-12): the same matrices, but every compressor
+      starts as the exact average over the d_v values (TC filters the identity), value biases 0, and
+      the clamp [1e-4, 1 - 1e-4].
     - `gate_hidden_size`: 0 for a linear gate `W c + b`, > 0 for `W2 tanh(W1 c + b1) + b2`.
     - `k_eps`: guard of the direction normalization `k = h / sqrt(|h|^2 + k_eps^2)`.
     - `value_input`: `"state"` (authors' code: v reads the un-normalized block input) or
@@ -220,6 +246,10 @@ class DDLConfig(PreTrainedConfig):
     The standard `PreTrainedConfig` fields are accepted too; the task heads read `num_labels` (or
     `id2label`, `label2id`), `problem_type` and `pad_token_id` (the sequence classifier pools the last
     token that is not padding).
+
+    A dict without `qk_norm_position`, `compressor_form` or `init_scheme` (a `config.json` saved before
+    they existed) gets ddl_hf's earlier forms (`LEGACY_FIELD_VALUES`), so old checkpoints keep their
+    meaning; `DDLConfig(...)` and the presets give the authors' forms.
 
     `layer_types` is derived: `"hybrid"` for the layers whose cache also holds short-convolution
     states (`ConvStateSlot`), `"full_attention"` for the others. A `config.json` written before
@@ -254,8 +284,9 @@ class DDLConfig(PreTrainedConfig):
     hidden_act: str = "silu"
     max_position_embeddings: int = 1024
     rope_parameters: RopeParameters | dict | None = None
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = 1e-5
     use_qk_norm: bool = True
+    qk_norm_position: str = "after_rope"
     attention_bias: bool = False
     attention_dropout: float = 0.0
     initializer_range: float = 0.02
@@ -269,9 +300,12 @@ class DDLConfig(PreTrainedConfig):
     value_channels: int = 4
     state_compressor: str = "channel"
     state_conv_size: int = 4
+    compressor_form: str = "factored"
+    channel_kernel_size: int = 4
     embed_expansion: str = "conv"
     embed_conv_size: int = 4
     beta_init: float = 1.0
+    init_scheme: str = "authors"
     gate_hidden_size: int = 0
     k_eps: float = 1e-5
     value_input: str = "state"
@@ -317,6 +351,10 @@ class DDLConfig(PreTrainedConfig):
         _check_int("value_channels", self.value_channels, 1)
         _check_choice("state_compressor", self.state_compressor, STATE_COMPRESSORS)
         _check_int("state_conv_size", self.state_conv_size, 1)
+        _check_choice("compressor_form", self.compressor_form, COMPRESSOR_FORMS)
+        _check_int("channel_kernel_size", self.channel_kernel_size, 1)
+        _check_choice("qk_norm_position", self.qk_norm_position, QK_NORM_POSITIONS)
+        _check_choice("init_scheme", self.init_scheme, INIT_SCHEMES)
         _check_choice("embed_expansion", self.embed_expansion, EMBED_EXPANSIONS)
         _check_int("embed_conv_size", self.embed_conv_size, 1)
         _check_float("beta_init", self.beta_init, 0.0, 2.0)
@@ -506,7 +544,10 @@ class DDLConfig(PreTrainedConfig):
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> DDLConfig:
         """`PreTrainedConfig.from_dict`. When the dict was read from a checkpoint (`from_pretrained` and
-        `AutoConfig` pass its `name_or_path`), an invalid field raises a ValueError naming its config.json."""
+        `AutoConfig` pass its `name_or_path`), an invalid field raises a ValueError naming its config.json.
+        A dict saved before `qk_norm_position`, `compressor_form` and `init_scheme` existed gets their
+        `LEGACY_FIELD_VALUES`: the model it describes."""
+        config_dict = {**LEGACY_FIELD_VALUES, **config_dict}
         try:
             return super().from_dict(config_dict, **kwargs)
         except ValueError as error:
@@ -518,4 +559,4 @@ class DDLConfig(PreTrainedConfig):
             raise ValueError(f"{path}: {error}") from error
 
 
-__all__ = ["DDLConfig", "ConvStateSlot", "PRESET_SIZES", "PRESET_VARIANTS"]
+__all__ = ["DDLConfig", "ConvStateSlot", "PRESET_SIZES", "PRESET_VARIANTS", "LEGACY_FIELD_VALUES"]

@@ -90,6 +90,7 @@ class DeltaShortcut(nn.Module):
         sublayer: str | None = None,
         keep_output_for_backward: bool = False,
         use_fast_path: bool = True,
+        init_scheme: str = "authors",
     ) -> None:
         super().__init__()
         if mode not in ("delta", "write_only"):
@@ -106,6 +107,7 @@ class DeltaShortcut(nn.Module):
         self.sublayer = sublayer
         self.keep_output_for_backward = keep_output_for_backward
         self.use_fast_path = use_fast_path
+        self.init_scheme = init_scheme
         # An observer with `record(shortcut, state, h, beta, v, new_state)`, set only while
         # `ddl_hf.record_delta_stats` runs; None keeps forward free of any recording work.
         self._recorder = None
@@ -124,14 +126,22 @@ class DeltaShortcut(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, weight_std: float | None = None) -> None:
-        """Authors' init: weights N(0, weight_std) (default 0.5 / sqrt(d)), value bias 0,
-        gate bias logit(beta_init / 2) so that beta = beta_init at a zero context."""
+        """Weights N(0, weight_std) (default 0.5 / sqrt(d)); gate bias logit(beta_init / 2), so that
+        beta = beta_init at a zero context. `init_scheme="authors"`: the other biases keep PyTorch's
+        Linear init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) and beta_init / 2 is clamped to [1e-6, 1 - 1e-6];
+        `"neutral"`: the other biases 0 and the clamp [1e-4, 1 - 1e-4]."""
         std = 0.5 / math.sqrt(self.hidden_size) if weight_std is None else weight_std
         for linear in (self.beta_hidden, self.beta_proj, self.value_proj):
-            if linear is not None:
-                init.normal_(linear.weight, mean=0.0, std=std)
+            if linear is None:
+                continue
+            init.normal_(linear.weight, mean=0.0, std=std)
+            if self.init_scheme == "authors":
+                bound = 1.0 / math.sqrt(linear.in_features)
+                init.uniform_(linear.bias, -bound, bound)
+            else:
                 init.zeros_(linear.bias)
-        half_beta = min(max(self.beta_init / 2.0, 1e-4), 1.0 - 1e-4)
+        clamp = 1e-6 if self.init_scheme == "authors" else 1e-4
+        half_beta = min(max(self.beta_init / 2.0, clamp), 1.0 - clamp)
         init.constant_(self.beta_proj.bias, _logit(half_beta))
 
     def gate(self, context: torch.Tensor) -> torch.Tensor:
@@ -310,9 +320,21 @@ class StateCompressor(_StateModule):
     """Reads the width-d block input from the expanded state. (B, T, d * d_v) -> (B, T, d).
 
     `x_in[i] = sum_j W[i, j] X[i, j]` (channel compressor, CC); the token compressor (TC)
-    first runs a depthwise causal convolution over tokens on all d * d_v channels. At init
-    W = 1 / d_v and the token filter is the identity. A token compressor keeps its convolution
-    inputs in `cache.layers[cache_layer_idx]`.
+    first runs a depthwise causal convolution over tokens on all d * d_v channels (`conv_weight`
+    (d * d_v, 1, `conv_size`)). A token compressor keeps its convolution inputs in
+    `cache.layers[cache_layer_idx]`.
+
+    The read W (d, d_v) (`read_matrix()`), by `form`:
+
+    - `"factored"` (the authors' code): one read vector `read_vector` r (d_v,) shared by all features;
+      CC first convolves each feature's d_v values with its own kernel `channel_kernel`
+      (d, `channel_kernel_size`), 'same' padded with (K-1)//2 on the left, so
+      `W[i, j] = sum_u r[u] kernel[i, j - u + (K-1)//2]`; TC reads with r alone, `W[i, j] = r[j]`.
+    - `"free"`: `read_weight` W (d, d_v), learned freely.
+
+    Init (`init_scheme`): r = 1 / d_v; `"authors"` draws the kernel and the TC filters from
+    N(0, 0.5 / sqrt(d)) (the free W too, as a matrix); `"neutral"` makes every compressor the exact
+    average over the d_v values (kernel a centred one-hot, free W = 1 / d_v, TC filters the identity).
     """
 
     def __init__(
@@ -323,17 +345,66 @@ class StateCompressor(_StateModule):
         conv_size: int = 4,
         cache_layer_idx: int = 0,
         use_fast_path: bool = True,
+        form: str = "factored",
+        channel_kernel_size: int = 4,
+        init_scheme: str = "authors",
     ) -> None:
         super().__init__(hidden_size, value_channels, kind, use_fast_path)
+        if form not in ("factored", "free"):
+            raise ValueError(f"StateCompressor form must be one of ['factored', 'free'], got {form!r}")
         self.cache_layer_idx = cache_layer_idx
-        self.read_weight = nn.Parameter(torch.empty(hidden_size, value_channels))
+        self.form = form
+        self.init_scheme = init_scheme
+        if form == "free":
+            self.read_weight = nn.Parameter(torch.empty(hidden_size, value_channels))
+        else:
+            if kind == "channel":
+                self.channel_kernel = nn.Parameter(torch.empty(hidden_size, channel_kernel_size))
+            self.read_vector = nn.Parameter(torch.empty(value_channels))
         self._register_filters(kind == "token", conv_size)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        init.constant_(self.read_weight, 1.0 / self.value_channels)
-        super().reset_parameters()
+        std = 0.5 / math.sqrt(self.hidden_size)
+        random = self.init_scheme == "authors"
+        if self.form == "free":
+            if random:
+                init.normal_(self.read_weight, mean=0.0, std=std)
+            else:
+                init.constant_(self.read_weight, 1.0 / self.value_channels)
+        else:
+            init.constant_(self.read_vector, 1.0 / self.value_channels)
+            if self.kind == "channel":
+                if random:
+                    init.normal_(self.channel_kernel, mean=0.0, std=std)
+                else:
+                    # A centred one-hot tap, built from the weight itself so that sharded (DTensor) weights
+                    # take it too (see `_identity_causal_filter`).
+                    kernel_size = self.channel_kernel.shape[-1]
+                    centre = (kernel_size - 1) // 2
+                    one_hot = F.pad(torch.ones_like(self.channel_kernel[..., :1]), (centre, kernel_size - 1 - centre))
+                    init.copy_(self.channel_kernel, one_hot)
+        if self.conv_weight is not None and random:
+            init.normal_(self.conv_weight, mean=0.0, std=std)
+        elif self.conv_weight is not None:
+            super().reset_parameters()
+
+    def read_matrix(self) -> torch.Tensor:
+        """The per-feature read W (d, d_v) that the compress ops take (see the class docstring)."""
+        if self.form == "free":
+            return self.read_weight
+        shared = self.read_vector.unsqueeze(0).expand(self.hidden_size, self.value_channels)
+        if self.kind != "channel":
+            return shared
+        # W[i, j] = sum_t kernel[i, t] r[j + pad - t]: r shifted by each tap, zero outside [0, d_v).
+        kernel_size = self.channel_kernel.shape[-1]
+        pad = (kernel_size - 1) // 2
+        padded = F.pad(self.read_vector, (kernel_size, kernel_size))
+        shifts = torch.stack(
+            [padded[kernel_size + pad - t : kernel_size + pad - t + self.value_channels] for t in range(kernel_size)]
+        )  # (K, d_v): row t is r[j + pad - t]
+        return self.channel_kernel @ shifts
 
     def forward(
         self,
@@ -353,10 +424,10 @@ class StateCompressor(_StateModule):
                 state_idx,
                 padding_mask,
                 use_fast_path=self.use_fast_path,
-                read_weight=self.read_weight,
+                read_weight=self.read_matrix(),
             )
         matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
-        return channel_compress(matrix, self.read_weight, use_fast_path=self.use_fast_path)
+        return channel_compress(matrix, self.read_matrix(), use_fast_path=self.use_fast_path)
 
     def read_after_write(
         self, read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, new_state: torch.Tensor | None = None
@@ -371,9 +442,11 @@ class StateCompressor(_StateModule):
         if self.conv_weight is not None:
             raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
         if new_state is None:
-            return channel_read_after_write(read, h, write, self.read_weight, use_fast_path=self.use_fast_path)
+            return channel_read_after_write(read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path)
         matrix = new_state.unflatten(-1, (self.hidden_size, self.value_channels))
-        return channel_compress_after_write(matrix, read, h, write, self.read_weight, use_fast_path=self.use_fast_path)
+        return channel_compress_after_write(
+            matrix, read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path
+        )
 
 
 class EmbedExpansion(_StateModule):
@@ -429,6 +502,7 @@ def shortcut_from_config(config: DDLConfig, layer_idx: int, sublayer: str) -> De
         # so the attention write keeps its input and the MLP write its output: no state is kept twice.
         keep_output_for_backward=sublayer == "mlp",
         use_fast_path=config.use_fast_path,
+        init_scheme=config.init_scheme,
     )
 
 
@@ -443,6 +517,9 @@ def compressor_from_config(config: DDLConfig, cache_layer_idx: int) -> StateComp
         config.state_conv_size,
         cache_layer_idx=cache_layer_idx,
         use_fast_path=config.use_fast_path,
+        form=config.compressor_form,
+        channel_kernel_size=config.channel_kernel_size,
+        init_scheme=config.init_scheme,
     )
 
 

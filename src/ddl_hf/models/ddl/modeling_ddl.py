@@ -152,7 +152,8 @@ def eager_attention_forward(
 
 
 class DDLAttention(nn.Module):
-    """Multi-head (or grouped-query) causal self-attention with RoPE and optional QK-norm."""
+    """Multi-head (or grouped-query) causal self-attention with RoPE and optional QK-norm (after RoPE, as the
+    authors do, or before it: `DDLConfig.qk_norm_position`)."""
 
     def __init__(self, config: DDLConfig, layer_idx: int) -> None:
         super().__init__()
@@ -173,6 +174,8 @@ class DDLAttention(nn.Module):
             self.k_norm = DDLRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # The gains do not commute with the rotation: the order is part of the model (`qk_norm_position`).
+        self.norm_after_rope = config.qk_norm_position == "after_rope"
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -186,14 +189,15 @@ class DDLAttention(nn.Module):
         """(B, T, d) -> (B, T, d), and the attention weights when the backend returns them."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
-        if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
+        if self.q_norm is not None and not self.norm_after_rope:
+            query, key = self.q_norm(query), self.k_norm(key)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if self.q_norm is not None and self.norm_after_rope:
+            query, key = self.q_norm(query), self.k_norm(key)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -346,10 +350,11 @@ class DDLPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """Authors' init (spec section 4): embeddings and LM head N(0, initializer_range);
-        attention and MLP output projections N(0, 0.5 / sqrt(d) / sqrt(L)); every other
-        matrix N(0, 0.5 / sqrt(d)); gate bias logit(beta_init / 2); compressor read weights
-        1 / d_v; token filters (EC, TC) the identity."""
+        """The authors' matrix init (spec section 4): embeddings and LM head N(0, initializer_range);
+        attention and MLP output projections N(0, 0.5 / sqrt(d) / sqrt(L)); every other matrix
+        N(0, 0.5 / sqrt(d)). The Delta layers' biases, read vectors and filters follow
+        `config.init_scheme` (`DeltaShortcut.reset_parameters`, `StateCompressor`); EC filters are the
+        identity."""
         super()._init_weights(module)
         config = self.config
         std = 0.5 / math.sqrt(config.hidden_size)
