@@ -315,11 +315,12 @@ def test_meta_device_construction_then_loading_gives_the_same_model():
 
 
 # --------------------------------------------------------------------------- initialization
-def test_init_weights_follow_the_spec():
-    """Spec section 4 on a mid-size model (d = 256, L = 4): N(0, 0.02) embeddings; N(0, 0.5/sqrt(d)/sqrt(L))
-    output projections; N(0, 0.5/sqrt(d)) every other matrix; gate bias logit(beta_init/2); compressor
-    read weights 1/d_v; EC and TC filters the identity; tied embeddings share storage."""
-    config = DDLConfig.from_preset("mini", "ddl-tc", beta_init=0.5)
+def test_neutral_init_weights_follow_the_spec():
+    """Spec section 4 on a mid-size model (d = 256, L = 4) with `init_scheme="neutral"` and free compressors:
+    N(0, 0.02) embeddings; N(0, 0.5/sqrt(d)/sqrt(L)) output projections; N(0, 0.5/sqrt(d)) every other
+    matrix; gate bias logit(beta_init/2); compressor read weights 1/d_v; EC and TC filters the identity;
+    tied embeddings share storage."""
+    config = DDLConfig.from_preset("mini", "ddl-tc", beta_init=0.5, init_scheme="neutral", compressor_form="free")
     torch.manual_seed(0)
     model = DDLForCausalLM(config)
     d, layers, d_v = config.hidden_size, config.num_hidden_layers, config.value_channels
@@ -364,6 +365,35 @@ def test_init_weights_follow_the_spec():
     untied = DDLForCausalLM(DDLConfig.from_preset("tiny", "ddl-cc", tie_word_embeddings=False, hidden_size=128))
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
     assert untied.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+
+
+@pytest.mark.parametrize("compressor", ["token", "channel"])
+def test_authors_init_draws_compressor_kernels_and_filters_and_keeps_ec_the_identity(compressor):
+    """Spec section 7: every matrix N(0, 0.5/sqrt(d)), the CC kernel and the TC filters included; read vectors
+    1/d_v; EC filters the identity; value biases U(-1/sqrt(d), 1/sqrt(d)); gate bias clamp 1e-6."""
+    variant = "ddl-tc" if compressor == "token" else "ddl-cc"
+    torch.manual_seed(0)
+    model = DDLForCausalLM(DDLConfig.from_preset("mini", variant, beta_init=2.0))
+    config = model.config
+    d, d_v = config.hidden_size, config.value_channels
+    std = 0.5 / math.sqrt(d)
+    parameters = dict(model.named_parameters())
+    identity = torch.zeros(d * d_v, 1, config.embed_conv_size)
+    identity[..., -1] = 1.0
+    assert torch.equal(parameters["model.embed_expansion.conv_weight"], identity)
+    random_names = [
+        name for name in parameters if name.endswith(("compressor.conv_weight", "readout.conv_weight", "channel_kernel"))
+    ]
+    assert len(random_names) == config.num_hidden_layers + 1
+    for name in random_names:
+        assert parameters[name].std().item() == pytest.approx(std, rel=0.1), name
+    for name, param in parameters.items():
+        if name.endswith("read_vector"):
+            assert torch.equal(param, torch.full((d_v,), 1.0 / d_v)), name
+        elif name.endswith("value_proj.bias"):
+            assert bool(param.abs().max() <= 1 / math.sqrt(d)) and bool(param.abs().min() > 0), name
+        elif name.endswith("beta_proj.bias"):
+            assert param.item() == pytest.approx(math.log((1 - 1e-6) / 1e-6), rel=1e-6), name
 
 
 def test_identity_filters_make_ec_equal_repetition_at_init():

@@ -513,6 +513,11 @@ class DDLModel(DDLPreTrainedModel):
         # is passed is still filled.
         if use_cache and cache is None and not (self.training and torch.is_grad_enabled()):
             cache = DynamicCache(config=self.config)
+        if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+            # Positions count the real tokens of each row (as `generate` computes them): with QK-norm after RoPE
+            # (the authors' order) the gains break RoPE's shift invariance, so a left-padded row must see the
+            # positions it sees alone. The mask covers cached and new tokens alike.
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past
