@@ -8,6 +8,7 @@ to the references, so whole models are compared too.
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import perturb, tiny_model
 from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM, DeltaShortcut, StateCompressor
@@ -332,10 +333,12 @@ def test_channel_compress_small_and_large_inputs_match_reference():
             assert torch.equal(channel_compress(matrix, read_weight), fast)
 
 
-def test_read_after_write_equals_reading_the_new_state():
-    compressor = StateCompressor(16, 4, kind="channel")
+@pytest.mark.parametrize("form", ["factored", "free"])
+def test_read_after_write_equals_reading_the_new_state(form):
+    compressor = StateCompressor(16, 4, kind="channel", form=form)
     with torch.no_grad():
-        compressor.read_weight.normal_()
+        for parameter in compressor.parameters():
+            parameter.normal_()
     state = torch.randn(2, 5, 64)
     h, write = torch.randn(2, 5, 16), torch.randn(2, 5, 4)
     new_state = (state.unflatten(-1, (16, 4)) + h.unsqueeze(-1) * write.unsqueeze(-2)).flatten(-2)
@@ -480,3 +483,22 @@ def test_fast_paths_save_no_more_for_backward_than_the_reference(variant):
     with reference_paths():
         reference = saved_bytes()
     assert fast < reference, (fast, reference)
+
+
+@pytest.mark.parametrize(("value_channels", "kernel_size"), [(4, 4), (4, 3), (6, 4), (2, 4)])
+def test_factored_channel_read_is_a_same_padded_conv_along_the_values_then_a_shared_read(value_channels, kernel_size):
+    """The authors' CC (spec section 7): each feature's d_v values convolved with its own kernel (d, K), padded
+    (K-1)//2 on the left and K-1-(K-1)//2 on the right, then read with one vector r (d_v,)."""
+    d = 5
+    compressor = StateCompressor(d, value_channels, kind="channel", channel_kernel_size=kernel_size)
+    with torch.no_grad():
+        compressor.read_vector.normal_()
+    state = torch.randn(3, 7, d * value_channels)
+    left = (kernel_size - 1) // 2
+    padded = F.pad(state.unflatten(-1, (d, value_channels)), (left, kernel_size - 1 - left))  # (3, 7, d, d_v + K-1)
+    windows = padded.unfold(-1, kernel_size, 1)  # (3, 7, d, d_v, K): windows[..., i, u, t] = X[i, u + t - left]
+    convolved = (windows * compressor.channel_kernel.unsqueeze(-2)).sum(-1)  # (3, 7, d, d_v)
+    by_definition = convolved @ compressor.read_vector
+    torch.testing.assert_close(compressor(state), by_definition, **FP32)
+    shared = StateCompressor(d, value_channels, kind="token", conv_size=2)
+    assert torch.equal(shared.read_matrix(), shared.read_vector.expand(d, value_channels))

@@ -238,16 +238,18 @@ def test_shortcut_needs_block_input_when_expanded_and_rejects_unknown_mode():
         DeltaShortcut(8, mode="additive")
 
 
+@pytest.mark.parametrize(("init_scheme", "clamp"), [("authors", 1e-6), ("neutral", 1e-4)])
 @pytest.mark.parametrize("beta_init", [0.0, 0.5, 1.0, 1.5, 2.0])
-def test_gate_starts_at_beta_init(beta_init):
-    """Gate bias logit(beta_init / 2), with beta_init / 2 clamped to [1e-4, 1 - 1e-4] (documented in DDLConfig)."""
-    half = min(max(beta_init / 2, 1e-4), 1 - 1e-4)
-    shortcut = DeltaShortcut(32, beta_init=beta_init)
+def test_gate_starts_at_beta_init(beta_init, init_scheme, clamp):
+    """Gate bias logit(beta_init / 2), with beta_init / 2 clamped to [clamp, 1 - clamp]: 1e-6 in the authors' init,
+    1e-4 in the neutral one (documented in DDLConfig)."""
+    half = min(max(beta_init / 2, clamp), 1 - clamp)
+    shortcut = DeltaShortcut(32, beta_init=beta_init, init_scheme=init_scheme)
     assert shortcut.beta_proj.bias.item() == pytest.approx(math.log(half / (1 - half)), abs=1e-6)
     beta = shortcut.gate(torch.zeros(3, 32))
     assert beta.shape == (3, 1)
     torch.testing.assert_close(beta, torch.full((3, 1), 2 * half), atol=1e-6, rtol=0)
-    assert abs(2 * half - beta_init) <= 2e-4
+    assert half == beta_init / 2 or half in (clamp, 1 - clamp)  # only the endpoints move, by the clamp
     assert shortcut.value_proj.weight.std().item() == pytest.approx(0.5 / math.sqrt(32), rel=0.3)
 
 

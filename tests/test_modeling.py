@@ -382,7 +382,9 @@ def test_authors_init_draws_compressor_kernels_and_filters_and_keeps_ec_the_iden
     identity[..., -1] = 1.0
     assert torch.equal(parameters["model.embed_expansion.conv_weight"], identity)
     random_names = [
-        name for name in parameters if name.endswith(("compressor.conv_weight", "readout.conv_weight", "channel_kernel"))
+        name
+        for name in parameters
+        if name.endswith(("compressor.conv_weight", "readout.conv_weight", "channel_kernel"))
     ]
     assert len(random_names) == config.num_hidden_layers + 1
     for name in random_names:
