@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ddl_hf import DDLConfig, DDLForCausalLM
+from ddl_hf.models.ddl.configuration_ddl import LEGACY_FIELD_VALUES
 
 FIXTURE_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "ddl-tc-tiny"
 EXPECTED_FILE = "expected_outputs.json"
@@ -50,6 +51,10 @@ def build_fixture_model() -> DDLForCausalLM:
         embed_conv_size=2,
         gate_hidden_size=4,
         eos_token_id=15,
+        # The fixture is a checkpoint from before the authors' forms became the defaults: it pins the earlier
+        # forms and eps, which is what an old config.json means (`LEGACY_FIELD_VALUES`).
+        rms_norm_eps=1e-6,
+        **LEGACY_FIELD_VALUES,
     )
     torch.manual_seed(SEED)
     model = DDLForCausalLM(config).eval()

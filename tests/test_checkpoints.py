@@ -121,8 +121,8 @@ def test_missing_and_unexpected_tensors_are_listed(saved, tmp_path):
         DDLForCausalLM.from_pretrained(extra)
 
     renamed = _copy(saved[0], tmp_path / "renamed")
-    _rewrite_weights(renamed, lambda w: w.update({"model.readout.read_w": w.pop("model.readout.read_weight")}))
-    with pytest.raises(ValueError, match=r"missing from the file: model\.readout\.read_weight.*unexpected weight"):
+    _rewrite_weights(renamed, lambda w: w.update({"model.readout.read_v": w.pop("model.readout.read_vector")}))
+    with pytest.raises(ValueError, match=r"missing from the file: model\.readout\.read_vector.*unexpected weight"):
         DDLForCausalLM.from_pretrained(renamed)
 
 
@@ -139,7 +139,7 @@ def test_ignore_mismatched_sizes_still_reinitializes_on_request(saved, tmp_path)
     _edit_config(folder, value_channels=2)
     model, info = DDLForCausalLM.from_pretrained(folder, ignore_mismatched_sizes=True, output_loading_info=True)
     assert model.config.value_channels == 2
-    assert {key for key, _, _ in info["mismatched_keys"]} >= {"model.readout.read_weight"}
+    assert {key for key, _, _ in info["mismatched_keys"]} >= {"model.readout.read_vector"}
 
 
 # --------------------------------------------------------------------------- unreadable files
