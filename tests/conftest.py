@@ -46,6 +46,10 @@ def tiny_model(variant: str = "ddl-cc", *, seed: int | None = 0, **overrides) ->
     return DDLForCausalLM(DDLConfig.from_preset("tiny", variant, **overrides))
 
 
+# The token filters and the compressor reads of either form (free W, factored kernel and shared read vector).
+COMPRESSOR_AND_FILTER_NAMES = ("conv_weight", "read_weight", "channel_kernel", "read_vector")
+
+
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator | None:
     if seed is not None and generator is not None:
         raise TypeError("pass a seed or a generator, not both")
@@ -62,11 +66,11 @@ def perturb(
     filter_scale: float | None = None,
 ) -> torch.nn.Module:
     """Moves every parameter off its initialization by `scale` times N(0, 1) noise (`filter_scale`, when given,
-    for the token filters and compressor reads: `conv_weight` and `read_weight`), drawn parameter by parameter
+    for the token filters and compressor reads, `COMPRESSOR_AND_FILTER_NAMES`), drawn parameter by parameter
     from a new generator seeded with `seed`, from `generator`, or from the global RNG. Returns the model."""
     generator = _generator(seed, generator)
     for name, parameter in model.named_parameters():
-        wide = filter_scale is not None and ("conv_weight" in name or "read_weight" in name)
+        wide = filter_scale is not None and name.endswith(COMPRESSOR_AND_FILTER_NAMES)
         parameter.add_(torch.randn(parameter.shape, generator=generator) * (filter_scale if wide else scale))
     return model
 

@@ -129,7 +129,7 @@ def test_lora_trains_saves_reloads_and_merges_with_identical_logits(tmp_path, va
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or "modules_to_save" in name for name in trainable)
     assert {name.rsplit(".", 1)[-1] for name in trainable if "modules_to_save" in name} >= {
-        "read_weight",
+        "read_vector",
         "conv_weight",
     }
     frozen_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}

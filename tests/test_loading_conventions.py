@@ -57,7 +57,7 @@ def test_output_loading_info_returns_the_report_and_initializes_missing_weights_
     torch.manual_seed(0)
     perturb(DDLForCausalLM(config), 0.3, seed=2).save_pretrained(tmp_path)
     dropped = (
-        "model.layers.0.compressor.read_weight",
+        "model.layers.0.compressor.read_vector",
         "model.embed_expansion.conv_weight",
         "model.layers.1.attn_shortcut.beta_proj.bias",
         "model.layers.0.mlp.down_proj.weight",
@@ -68,7 +68,7 @@ def test_output_loading_info_returns_the_report_and_initializes_missing_weights_
     model, info = DDLForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert set(info["missing_keys"]) == set(dropped)
     d, d_v, layers = config.hidden_size, config.value_channels, config.num_hidden_layers
-    assert torch.equal(model.model.layers[0].compressor.read_weight, torch.full((d, d_v), 1 / d_v))
+    assert torch.equal(model.model.layers[0].compressor.read_vector, torch.full((d_v,), 1 / d_v))
     identity = torch.zeros(d * d_v, 1, config.embed_conv_size)
     identity[..., -1] = 1
     assert torch.equal(model.model.embed_expansion.conv_weight, identity)
