@@ -205,3 +205,27 @@ def test_save_then_load_gives_the_same_to_dict(overrides, tmp_path):
         for name, value in overrides.items():
             assert getattr(loaded, name) == (torch.bfloat16 if name == "dtype" else value), name
     assert DDLConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_new_configs_are_the_authors_forms_and_old_dicts_keep_the_earlier_forms(tmp_path):
+    config = DDLConfig.from_preset("tiny", "ddl-cc")
+    authors = {"qk_norm_position": "after_rope", "compressor_form": "factored", "init_scheme": "authors"}
+    assert {name: getattr(config, name) for name in authors} == authors and config.rms_norm_eps == 1e-5
+    old_dict = {key: value for key, value in config.to_dict().items() if key not in authors}
+    old = DDLConfig.from_dict(old_dict)
+    assert {name: getattr(old, name) for name in authors} == {
+        "qk_norm_position": "before_rope",
+        "compressor_form": "free",
+        "init_scheme": "neutral",
+    }
+    config.save_pretrained(tmp_path)  # a new config.json stores the fields, so it keeps the authors' forms
+    assert DDLConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("qk_norm_position", "after_norm"), ("compressor_form", "shared"), ("init_scheme", "xavier")],
+)
+def test_the_form_fields_name_what_is_allowed(field, value):
+    with pytest.raises(ValueError, match=rf"DDLConfig\.{field} must be one of \[.*\], got '{value}'"):
+        DDLConfig.from_preset("tiny", "ddl-cc", **{field: value})
