@@ -304,3 +304,12 @@ def test_shortcut_trains_inside_a_plain_network():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_an_unknown_init_scheme_is_refused_by_name():
+    from ddl_hf import StateCompressor
+
+    with pytest.raises(ValueError, match=r"DeltaShortcut init_scheme must be one of \['authors', 'neutral'\], got 'x'"):
+        DeltaShortcut(8, init_scheme="x")
+    with pytest.raises(ValueError, match=r"StateCompressor init_scheme must be one of \['authors', 'neutral'\]"):
+        StateCompressor(8, 2, init_scheme="x")

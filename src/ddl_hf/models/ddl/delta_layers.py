@@ -95,6 +95,8 @@ class DeltaShortcut(nn.Module):
         super().__init__()
         if mode not in ("delta", "write_only"):
             raise ValueError(f"DeltaShortcut mode must be one of ['delta', 'write_only'], got {mode!r}")
+        if init_scheme not in ("authors", "neutral"):
+            raise ValueError(f"DeltaShortcut init_scheme must be one of ['authors', 'neutral'], got {init_scheme!r}")
         self.hidden_size = hidden_size
         self.value_channels = value_channels
         self.erase = mode == "delta"
@@ -352,6 +354,8 @@ class StateCompressor(_StateModule):
         super().__init__(hidden_size, value_channels, kind, use_fast_path)
         if form not in ("factored", "free"):
             raise ValueError(f"StateCompressor form must be one of ['factored', 'free'], got {form!r}")
+        if init_scheme not in ("authors", "neutral"):
+            raise ValueError(f"StateCompressor init_scheme must be one of ['authors', 'neutral'], got {init_scheme!r}")
         self.cache_layer_idx = cache_layer_idx
         self.form = form
         self.init_scheme = init_scheme
