@@ -137,8 +137,8 @@ def test_results_are_well_formed(first_run):
             assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
 
     baseline = report["variants"]["baseline"]
-    difference = report["variants"]["ddl-cc"]["difference_to_baseline"]
-    assert baseline["difference_to_baseline"] is None
+    difference = report["variants"]["ddl-cc"]["difference_to_reference"]
+    assert baseline["difference_to_reference"] is None
     per_seed = [
         report["variants"]["ddl-cc"]["final_eval_loss"]["per_seed"][seed]
         - baseline["final_eval_loss"]["per_seed"][seed]
@@ -235,6 +235,14 @@ def test_max_tokens_rounds_up_to_whole_steps(workspace):
         (["--variants", "ddl-cc", "ddl-cc"], "lists a variant twice"),
         (["--seeds", "0"], "--seeds must be an integer >= 1"),
         (["--preset", "huge"], "--preset 'huge' is unknown"),
+        (["--variants", "ddl-cc:nope=1"], "--variants 'ddl-cc:nope=1': --config_overrides: unknown DDLConfig field(s)"),
+        (["--variants", "ddl-cc:"], "--variants 'ddl-cc:': give FIELD=VALUE after ':'"),
+        (["--variants", "nope:beta_init=0.5"], "unknown variant(s) ['nope']"),
+        (
+            ["--variants", "ddl-cc:beta_init=0.5", "--config_overrides", "beta_init=1.5"],
+            "--variants 'ddl-cc:beta_init=0.5' sets ['beta_init'], which --config_overrides 'beta_init=1.5' sets",
+        ),
+        (["--variants", "ddl-cc", "ddl-scalar", "--reference", "ddl-tc"], "--reference 'ddl-tc' must be one of"),
     ],
 )
 def test_bad_arguments(extra, message, tmp_path, capsys):
@@ -279,3 +287,32 @@ def test_tiny_preset_compares_with_the_default_block_size(workspace, tmp_path, c
         capsys.readouterr().err
     )
     assert not (tmp_path / "too_large").exists()
+
+
+def test_a_variant_with_changed_fields_trains_with_them_and_is_compared_with_the_reference(workspace, tmp_path):
+    """`--variants ddl-cc ddl-cc:compressor_form=free --reference ddl-cc`: the second variant's runs save the
+    changed field (and the passed-through --config_overrides), and the differences are taken against ddl-cc."""
+    from ddl_hf.compare import main
+
+    _, argv = workspace
+    free = "ddl-cc:compressor_form=free,init_scheme=neutral"
+    argv = [*argv, "--variants", "ddl-cc", free, "--reference", "ddl-cc", "--seeds", "2", "--max_steps", "2"]
+    argv += ["--config_overrides", "beta_init=0.5"]
+    assert main([*argv, "--output_dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(report["variants"]) == ["ddl-cc", free] and report["reference_variant"] == "ddl-cc"
+    runs = tmp_path / "out" / "runs"
+    assert sorted(path.name for path in runs.iterdir()) == ["ddl-cc", "ddl-cc+compressor_form=free,init_scheme=neutral"]
+    factored = DDLConfig.from_pretrained(runs / "ddl-cc" / "seed-0")
+    changed = DDLConfig.from_pretrained(runs / "ddl-cc+compressor_form=free,init_scheme=neutral" / "seed-0")
+    assert (factored.compressor_form, factored.init_scheme, factored.beta_init) == ("factored", "authors", 0.5)
+    assert (changed.compressor_form, changed.init_scheme, changed.beta_init) == ("free", "neutral", 0.5)
+    assert report["variants"]["ddl-cc"]["difference_to_reference"] is None
+    losses = {name: report["variants"][name]["final_eval_loss"]["per_seed"] for name in ("ddl-cc", free)}
+    expected = paired_difference(
+        {seed: losses[free][seed] for seed in ("0", "1")}, {seed: losses["ddl-cc"][seed] for seed in ("0", "1")}
+    )
+    difference = report["variants"][free]["difference_to_reference"]
+    for key in ("mean", "std", "low", "high"):
+        assert difference[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12)
+    assert "| Δ vs ddl-cc [95% CI] |" in (tmp_path / "out" / "results.md").read_text()

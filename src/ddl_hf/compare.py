@@ -3,8 +3,16 @@
     ddl compare --preset mini --variants baseline ddl-scalar ddl-cc write-only-cc --seeds 3 \\
         --max_steps 300 --output_dir runs/compare-mini [any `ddl train` data or training flag ...]
 
+A variant is a preset variant (`ddl-cc`), or one with DDLConfig fields changed, written
+`VARIANT:FIELD=VALUE[,FIELD=VALUE ...]` in the syntax of `--config_overrides` (which, passed through,
+applies to every run). For example the authors' factored CC read against a freely learned one:
+
+    ddl compare --preset mini --variants ddl-cc ddl-cc:compressor_form=free --reference ddl-cc \\
+        --seeds 3 --max_steps 300 --output_dir runs/cc-read-forms
+
 Every (variant, seed) is one `ddl train` run (`train.run_training`) in
-`OUTPUT_DIR/runs/VARIANT/seed-S`, keeping its final model and tokenizer. Runs of one seed use
+`OUTPUT_DIR/runs/VARIANT/seed-S` (a `:` in the variant becomes `+` in the folder name), keeping its
+final model and tokenizer. Runs of one seed use
 the same `--seed`, so the Trainer shuffles the training blocks identically for every variant
 (each run's `data_order/rank0.tsv` lists the hash of every batch, to check it); only the
 initial weights differ, as they must between architectures. Flags that `ddl compare` sets
@@ -21,8 +29,9 @@ Outputs in `OUTPUT_DIR`:
   over seeds and per seed, perplexity exp(mean loss), parameters, tokens, training FLOPs per
   token (`flops.training_flops_per_token`: 2 FLOPs per multiply-add, backward = 2 x forward,
   causal attention at the mean context (T + 1) / 2), total training FLOPs, training wall time,
-  and the difference to `baseline` with a 95% interval: runs of one seed share their data
-  order, so the per-seed differences d_s = loss(variant, s) - loss(baseline, s) are paired and
+  and the difference to the `--reference` variant (default `baseline`) with a 95% interval: runs of one
+  seed share their data order, so the per-seed differences d_s = loss(variant, s) - loss(reference, s) are
+  paired and
   the interval is mean(d) +- t_{0.975, n-1} std(d) / sqrt(n) over the n seeds both have.
 - `loss_vs_tokens.png`, `loss_vs_flops.png`: validation loss at every evaluation against
   training tokens and against cumulative training FLOPs; one colour per variant, the line is
@@ -45,7 +54,9 @@ from .models.ddl.configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConf
 from .plots import color_cycle, label_axes, png_figure
 
 DEFAULT_VARIANTS = ("baseline", "ddl-scalar", "ddl-cc", "write-only-cc")
-REFERENCE_VARIANT = "baseline"
+DEFAULT_REFERENCE = "baseline"
+# `VARIANT:FIELD=VALUE,...`: a preset variant with DDLConfig fields changed.
+OVERRIDES_SEPARATOR = ":"
 CONFIDENCE = 0.95
 # `ddl train` flags that `ddl compare` sets for every run.
 CONTROLLED_TRAIN_FLAGS = (
@@ -147,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_VARIANTS),
         help=f"residual variants to train (default: {' '.join(DEFAULT_VARIANTS)}); allowed: {list(PRESET_VARIANTS)}",
     )
+    parser.add_argument(
+        "--reference",
+        default=DEFAULT_REFERENCE,
+        help="the variant every other one is compared with, seed by seed (default baseline; with the default, "
+        "a comparison without baseline reports no differences)",
+    )
     parser.add_argument("--preset", default="mini", help=f"model size preset: {list(PRESET_SIZES)} (default mini)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant: 0, 1, ..., N-1 (default 3)")
     budget = parser.add_mutually_exclusive_group(required=True)
@@ -156,8 +173,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """`"ddl-cc:compressor_form=free"` -> `("ddl-cc", "compressor_form=free")`; `"ddl-cc"` -> `("ddl-cc", None)`."""
+    preset_variant, separator, overrides = variant.partition(OVERRIDES_SEPARATOR)
+    return preset_variant, (overrides if separator else None)
+
+
+def passed_config_overrides(train_flags: list[str]) -> str | None:
+    """The value of a passed-through `--config_overrides` (the last one, as argparse takes it)."""
+    value = None
+    for index, token in enumerate(train_flags):
+        if token == "--config_overrides" and index + 1 < len(train_flags):
+            value = train_flags[index + 1]
+        elif token.startswith("--config_overrides="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def variant_config_overrides(variant: str, train_flags: list[str]) -> str | None:
+    """The `--config_overrides` of one run: the passed-through ones, then the variant's own."""
+    from .train import parse_config_overrides
+
+    _, own = split_variant(variant)
+    common = passed_config_overrides(train_flags)
+    if own is None:
+        return common
+    if common is None:
+        return own
+    both = sorted(set(parse_config_overrides(common)) & set(parse_config_overrides(own)))
+    if both:
+        raise ValueError(
+            f"--variants {variant!r} sets {both}, which --config_overrides {common!r} sets for every run too; "
+            "set each field in one place"
+        )
+    return f"{common},{own}"
+
+
 def check_arguments(args: argparse.Namespace, train_flags: list[str]) -> None:
-    check_preset_arguments(args.preset, args.variants)
+    from .train import parse_config_overrides
+
+    if len(set(args.variants)) != len(args.variants):
+        raise ValueError(f"--variants lists a variant twice: {list(args.variants)}")
+    check_preset_arguments(args.preset, list(dict.fromkeys(split_variant(variant)[0] for variant in args.variants)))
+    for variant in args.variants:
+        _, own = split_variant(variant)
+        if own is not None:
+            if not own:
+                raise ValueError(f"--variants {variant!r}: give FIELD=VALUE after {OVERRIDES_SEPARATOR!r}")
+            try:
+                parse_config_overrides(own)
+            except ValueError as error:
+                raise ValueError(f"--variants {variant!r}: {error}") from None
+        variant_config_overrides(variant, train_flags)
+    if args.reference != DEFAULT_REFERENCE and args.reference not in args.variants:
+        raise ValueError(f"--reference {args.reference!r} must be one of --variants {list(args.variants)}")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {args.seeds}")
     for name in ("max_steps", "max_tokens"):
@@ -182,19 +251,23 @@ def check_arguments(args: argparse.Namespace, train_flags: list[str]) -> None:
 
 
 def run_dir(output_dir: str | Path, variant: str, seed: int) -> Path:
-    return Path(output_dir) / "runs" / variant / f"seed-{seed}"
+    # Not every file system takes a ':' in a name.
+    return Path(output_dir) / "runs" / variant.replace(OVERRIDES_SEPARATOR, "+") / f"seed-{seed}"
 
 
 def run_arguments(args: argparse.Namespace, train_flags: list[str], variant: str, seed: int, max_steps: int):
-    """`train.parse_args` for one run: the passed-through flags plus the ones compare controls."""
+    """`train.parse_args` for one run: the passed-through flags plus the ones compare controls (and the
+    variant's own config overrides)."""
     from .train import parse_args
 
+    overrides = variant_config_overrides(variant, train_flags)
     argv = [
         *train_flags,
+        *([] if overrides is None else ["--config_overrides", overrides]),
         "--preset",
         args.preset,
         "--variant",
-        variant,
+        split_variant(variant)[0],
         "--seed",
         str(seed),
         "--max_steps",
@@ -211,7 +284,7 @@ def resolve_max_steps(args: argparse.Namespace, train_flags: list[str]) -> tuple
 
     model_args, data_args, training_args = run_arguments(args, train_flags, args.variants[0], 0, 1)
     config = DDLConfig.from_preset(
-        args.preset, args.variants[0], **parse_config_overrides(model_args.config_overrides or "")
+        args.preset, split_variant(args.variants[0])[0], **parse_config_overrides(model_args.config_overrides or "")
     )
     block_size = resolve_block_size(data_args, config)
     tokens_per_step = (
@@ -267,8 +340,8 @@ def load_run(folder: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- results
-def summarize(runs: dict[tuple[str, int], dict], variants: list[str]) -> dict:
-    """Per variant: statistics over seeds of the final metrics, and the paired difference to baseline."""
+def summarize(runs: dict[tuple[str, int], dict], variants: list[str], reference: str = DEFAULT_REFERENCE) -> dict:
+    """Per variant: statistics over seeds of the final metrics, and the paired difference to `reference`."""
     losses = {
         variant: {seed: run["metrics"]["eval_loss"] for (name, seed), run in runs.items() if name == variant}
         for variant in variants
@@ -293,9 +366,9 @@ def summarize(runs: dict[tuple[str, int], dict], variants: list[str]) -> dict:
             "training_flops": metrics[0]["training_flops"],
             "train_wall_time_s": dict(zip(("mean", "std"), mean_and_std(list(wall_times.values())), strict=True))
             | {"per_seed": wall_times},
-            "difference_to_baseline": (
-                paired_difference(losses[variant], losses[REFERENCE_VARIANT])
-                if REFERENCE_VARIANT in losses and variant != REFERENCE_VARIANT
+            "difference_to_reference": (
+                paired_difference(losses[variant], losses[reference])
+                if reference in losses and variant != reference
                 else None
             ),
         }
@@ -314,11 +387,11 @@ def results_markdown(report: dict) -> str:
         f"Command: `{report['command']}`",
         "",
         f"Block size {report['block_size']}, {report['tokens_per_step']:,} tokens per step. Validation loss in "
-        "nats/token on the held-out blocks, mean ± sample std over seeds. Δ: paired difference to the baseline "
-        f"per seed, with a {report['confidence']:.0%} t interval over seeds.",
+        "nats/token on the held-out blocks, mean ± sample std over seeds. Δ: paired difference to "
+        f"{report['reference_variant']} per seed, with a {report['confidence']:.0%} t interval over seeds.",
         "",
         "| variant | val loss | per seed | ppl | params | tokens | train FLOPs/token | train FLOPs | wall time/run (s) "
-        f"| Δ vs {REFERENCE_VARIANT} [{report['confidence']:.0%} CI] |",
+        f"| Δ vs {report['reference_variant']} [{report['confidence']:.0%} CI] |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, entry in report["variants"].items():
@@ -327,7 +400,7 @@ def results_markdown(report: dict) -> str:
         per_seed = ", ".join(f"{loss['per_seed'][seed]:.4f}" for seed in entry["seeds"])
         wall = entry["train_wall_time_s"]
         wall_text = f"{wall['mean']:.1f}" + (f" ± {wall['std']:.1f}" if wall["std"] is not None else "")
-        difference = entry["difference_to_baseline"]
+        difference = entry["difference_to_reference"]
         if difference is None:
             delta = "—"
         elif difference["low"] is None:
@@ -398,13 +471,13 @@ def write_results(args: argparse.Namespace, argv: list[str], max_steps: int, tok
     report = {
         "command": "ddl compare " + shlex.join(argv),
         "preset": args.preset,
-        "variants": summarize(runs, args.variants),
+        "variants": summarize(runs, args.variants, args.reference),
         "seeds": list(range(args.seeds)),
         "max_steps": max_steps,
         "tokens_per_step": tokens_per_step,
         "block_size": block_sizes.pop() if len(block_sizes) == 1 else sorted(block_sizes),
         "confidence": CONFIDENCE,
-        "reference_variant": REFERENCE_VARIANT,
+        "reference_variant": args.reference,
         "curves": {f"{variant}/seed-{seed}": run["curve"] for (variant, seed), run in runs.items()},
     }
     output_dir = Path(args.output_dir)
