@@ -115,3 +115,34 @@ def test_ratio_keys():
 def test_bad_arguments_are_reported(arguments, message, capsys):
     assert bench.main(arguments) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compiled_bench_reports_compile_time_apart_and_decodes_the_eager_tokens(tmp_path):
+    """`--compile`: the same figures and ratios, plus each workload's compile time; compiled decoding with the static
+    cache gives the eager greedy tokens, and later runs reuse the graphs (no recompilation while timing). The
+    aot_eager backend traces as inductor does; inductor's kernels are checked against eager in test_compile.py."""
+    import torch
+
+    path = tmp_path / "compiled.json"
+    compiling = ["--compile", "--compile_backend", "aot_eager"]  # tracing as inductor sees it, without codegen
+    argv = ["bench", *TINY, "--variants", "ddl-tc", "--skip_memory", *compiling, "--json", str(path)]
+    assert cli_main(argv) == 0
+    report = json.loads(path.read_text())
+    assert report["config"]["compile"] == "aot_eager"
+    for entry in report["results"].values():
+        assert set(entry["compile_s"]) == {"train", "prefill", "decode_batch_1", "decode_batch_2"}
+        assert all(seconds > 0 for seconds in entry["compile_s"].values())
+        figures = {key for key in FIGURES if key != "peak_memory_bytes"}
+        assert figures | {FIGURES[key] for key in figures} | {"compile_s"} == set(entry)
+
+    arguments = bench.build_parser().parse_args([*TINY, *compiling, "--device", "cpu"])
+    eager_arguments = bench.build_parser().parse_args([*TINY, "--device", "cpu"])
+    compiled, eager = bench.Workload(arguments, "ddl-tc"), bench.Workload(eager_arguments, "ddl-tc")
+    for batch_size in (1, 2):
+        compiled.decode(batch_size)
+        eager.decode(batch_size)
+        assert torch.equal(compiled.last_decoded, eager.last_decoded)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled.decode(batch_size)
+        assert torch.equal(compiled.last_decoded, eager.last_decoded)

@@ -25,6 +25,13 @@ Measurements (tokens are batch_size x seq_len per forward unless said otherwise)
 Each figure is also given as a ratio to `baseline` (added to `--variants` when missing).
 `--reference` runs the plain reference implementations of `delta_ops` instead of the fast
 paths, to show what the fast paths buy.
+
+`--compile` wraps every model, the baseline included, with `torch.compile` (inductor, static shapes):
+training steps and prefill run the compiled model; decoding fills a `StaticCache` with an eager prefill,
+as `generate` does, then runs every one-token step through the compiled forward (`fullgraph=True`). The
+first call of each compiled workload (the compile itself) is timed apart and reported as
+`results[VARIANT]["compile_s"]`; the timed rounds come after it. Peak memory is then that of compiled
+training.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from transformers.cache_utils import Cache, StaticCache
 
 from .command_line import check_preset_arguments, reports_input_errors
 from .models.ddl.configuration_ddl import PRESET_SIZES, DDLConfig
@@ -84,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference", action="store_true", help="run the plain reference ops of delta_ops instead of the fast paths"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every model (training, prefill, and decoding with a static cache); compile time is "
+        "reported apart",
+    )
+    parser.add_argument(
+        "--compile_backend",
+        default="inductor",
+        help="torch.compile backend with --compile (default inductor; aot_eager or eager to separate tracing from "
+        "code generation)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the results to this JSON file")
     # Internal: the fresh subprocess that measures one variant's peak memory.
     parser.add_argument("--memory_worker", default=None, help=argparse.SUPPRESS)
@@ -125,13 +145,28 @@ def resolve_device(name: str) -> str:
 
 # --------------------------------------------------------------------------- workloads
 class Workload:
-    """One variant's model, optimizer and fixed inputs."""
+    """One variant's model, optimizer and fixed inputs; with `args.compile` the model runs compiled."""
 
     def __init__(self, args: argparse.Namespace, variant: str) -> None:
         torch.manual_seed(args.seed)
         self.config = DDLConfig.from_preset(args.preset, variant)
         self.model = DDLForCausalLM(self.config).to(device=args.device, dtype=DTYPES[args.dtype])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.compiled = args.compile
+        if args.compile:
+            # Dynamo keeps at most `recompile_limit` graphs per code object, and every model here shares the forward
+            # functions' code: one process holds each variant in four workloads (training, prefill, two decode batch
+            # sizes). Past the limit dynamo runs the frames eagerly under its own overhead, 50x slower.
+            limit = 8 * len(args.variants) + 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        # Static shapes: every workload has fixed shapes, and a dynamic graph would be slower.
+        backend = args.compile_backend
+        self.forward = torch.compile(self.model, dynamic=False, backend=backend) if args.compile else self.model
+        self.decode_step = (
+            torch.compile(self.model, fullgraph=True, dynamic=False, backend=backend) if args.compile else self.model
+        )
+        # One static cache per batch size, reset before each run: a new cache object would recompile.
+        self.static_caches: dict[int, StaticCache] = {}
         generator = torch.Generator().manual_seed(args.seed)
         vocab = self.config.vocab_size
         self.input_ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator).to(args.device)
@@ -143,7 +178,7 @@ class Workload:
 
     def train_step(self) -> None:
         self.model.train()
-        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+        loss = self.forward(input_ids=self.input_ids, labels=self.input_ids).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -151,22 +186,42 @@ class Workload:
     def prefill(self) -> None:
         self.model.eval()
         with torch.inference_mode():
-            self.model(input_ids=self.input_ids, use_cache=False)
+            self.forward(input_ids=self.input_ids, use_cache=False)
+
+    def _fresh_cache(self, batch_size: int) -> Cache | None:
+        """None (the model builds a dynamic cache) in eager mode; compiled, this batch size's static cache, reset."""
+        if not self.compiled:
+            return None
+        cache = self.static_caches.get(batch_size)
+        if cache is None:
+            length = self.prompts[batch_size].shape[1] + self.decode_tokens
+            cache = StaticCache(config=self.config, max_cache_len=length)
+            self.static_caches[batch_size] = cache
+        cache.reset()
+        return cache
 
     def decode(self, batch_size: int, clock: Callable[[], float] = time.perf_counter) -> float:
         """Seconds spent on `decode_tokens` cached one-token steps (the prompt is not timed)."""
         self.model.eval()
         device = self.input_ids.device
+        prompt = self.prompts[batch_size]
         with torch.inference_mode():
-            out = self.model(input_ids=self.prompts[batch_size], use_cache=True, logits_to_keep=1)
+            cache = self._fresh_cache(batch_size)
+            out = self.model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
             cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            position = torch.full((batch_size, 1), prompt.shape[1], device=device)
+            tokens = [token]
             _synchronize(device)
             start = clock()
             for _ in range(self.decode_tokens):
-                out = self.model(input_ids=token, cache=cache, use_cache=True)
-                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+                out = self.decode_step(input_ids=token, position_ids=position, cache=cache, use_cache=True)
+                cache, token, position = out.cache, out.logits[:, -1:].argmax(-1), position + 1
+                tokens.append(token)
             _synchronize(device)
-            return clock() - start
+            seconds = clock() - start
+        # The greedy tokens (B, 1 + decode_tokens), for tests that check what was decoded.
+        self.last_decoded = torch.cat(tokens, dim=1)
+        return seconds
 
     def activation_bytes(self) -> int:
         """Bytes of the distinct non-parameter tensors saved for backward by one training forward."""
@@ -200,10 +255,19 @@ def _timed(function: Callable[[], object], device: str, clock: Callable[[], floa
 
 
 def interleaved_medians(
-    variants: list[str], measure: Callable[[str], float], repeats: int, warmup: int
+    variants: list[str],
+    measure: Callable[[str], float],
+    repeats: int,
+    warmup: int,
+    first_calls: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Median over `repeats` rounds of `measure(variant)`; each round visits every variant, starting
-    one variant later than the round before, after `warmup` untimed rounds."""
+    one variant later than the round before, after `warmup` untimed rounds. `first_calls`, when given,
+    receives each variant's first measurement (a compiled workload's compile), which always runs apart
+    from the warmup."""
+    if first_calls is not None:
+        for variant in variants:
+            first_calls[variant] = measure(variant)
     for _ in range(warmup):
         for variant in variants:
             measure(variant)
@@ -257,6 +321,8 @@ def measure_memory_in_subprocess(args: argparse.Namespace, variant: str) -> int:
         command += ["--threads", str(args.threads)]
     if args.reference:
         command.append("--reference")
+    if args.compile:
+        command += ["--compile", "--compile_backend", args.compile_backend]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=environment, check=False)
     if done.returncode != 0:
@@ -272,21 +338,40 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     device, clock = args.device, TIMERS[args.timer]
     tokens = args.batch_size * args.seq_len
 
-    def throughput(function_of: Callable[[Workload], Callable[[], object]], count: int) -> dict[str, float]:
+    # Compiled, the first call of each workload compiles; its wall time is reported apart.
+    compile_seconds: dict[str, dict[str, float]] = {name: {} for name in variants}
+
+    def record_compile(kind: str, seconds: dict[str, float] | None) -> None:
+        for name, value in (seconds or {}).items():
+            compile_seconds[name][kind] = value
+
+    def throughput(kind: str, function_of: Callable[[Workload], Callable[[], object]], count: int):
+        first = {} if args.compile else None
         seconds = interleaved_medians(
-            variants, lambda name: _timed(function_of(workloads[name]), device, clock), args.repeats, args.warmup
+            variants,
+            lambda name: _timed(function_of(workloads[name]), device, clock),
+            args.repeats,
+            args.warmup,
+            first,
         )
+        record_compile(kind, first)
         return {name: count / value for name, value in seconds.items()}
 
     metrics: dict[str, dict[str, float]] = {name: {} for name in variants}
-    for name, value in throughput(lambda w: w.train_step, tokens).items():
+    for name, value in throughput("train", lambda w: w.train_step, tokens).items():
         metrics[name]["train_tokens_per_s"] = value
-    for name, value in throughput(lambda w: w.prefill, tokens).items():
+    for name, value in throughput("prefill", lambda w: w.prefill, tokens).items():
         metrics[name]["prefill_tokens_per_s"] = value
     for size in args.decode_batch_sizes:
+        first = {} if args.compile else None
         seconds = interleaved_medians(
-            variants, lambda name, size=size: workloads[name].decode(size, clock), args.repeats, min(args.warmup, 1)
+            variants,
+            lambda name, size=size: workloads[name].decode(size, clock),
+            args.repeats,
+            min(args.warmup, 1),
+            first,
         )
+        record_compile(f"decode_batch_{size}", first)
         for name, value in seconds.items():
             metrics[name][f"decode_batch_{size}_tokens_per_s"] = size * args.decode_tokens / value
     largest = max(args.decode_batch_sizes)
@@ -303,6 +388,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         entry = dict(metrics[name])
         for key, value in metrics[name].items():
             entry[_ratio_key(key)] = value / metrics[BASELINE][key]
+        if args.compile:
+            entry["compile_s"] = compile_seconds[name]
         results[name] = entry
     config = {
         "preset": args.preset,
@@ -320,6 +407,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "decode_prompt_len": args.decode_prompt_len,
         "decode_tokens": args.decode_tokens,
         "ops": "reference" if args.reference else "fast",
+        "compile": args.compile_backend if args.compile else None,
         "memory": None if args.skip_memory else _memory_definition(device),
         "load_average_before": load_before,
         "load_average_after": _load_average(),
@@ -401,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ddl bench: preset {args.preset}, batch {args.batch_size} x seq {args.seq_len}, {args.dtype} on "
         f"{report['config']['device_name']} ({report['config']['threads']} threads), {args.repeats} rounds, "
-        f"{report['config']['ops']} ops, load average {report['config']['load_average_before']} -> "
+        f"{report['config']['ops']} ops{', compiled' if args.compile else ''}, load average "
+        f"{report['config']['load_average_before']} -> "
         f"{report['config']['load_average_after']}"
     )
     load = report["config"]["load_average_before"]
