@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from conftest import offline_env, write_jsonl
@@ -402,6 +402,48 @@ def test_rerun_resumes_finished_run_and_refuses_changed_arguments(reference_run,
     (stranger / "checkpoint-3").mkdir(parents=True)
     with pytest.raises(ValueError, match="holds checkpoints or a model that `ddl train` did not record"):
         run_training(*parse_args(tiny_argv(assets, stranger)))
+
+
+class InterruptAtStep(TrainerCallback):
+    """Ends a run with an exception after optimizer step `step`, as a crash would (in-process)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"interrupted after step {self.step}")
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager_saves_plain_weights_and_resumes_exactly(reference_run, assets, tmp_path):
+    """`--torch_compile`: the Trainer compiles the model; the losses are eager's to float rounding, the saved weights
+    carry the model's own names (no `_orig_mod.`), and a compiled run interrupted after step 5 resumes from
+    checkpoint-4 to the uninterrupted compiled run's losses and weights, exactly. The aot_eager backend traces as
+    inductor does (inductor's kernels: tests/test_compile.py)."""
+    reference_dir, _ = reference_run
+    compiling = ("--torch_compile", "true", "--torch_compile_backend", "aot_eager")
+    compiled_dir = tmp_path / "compiled"
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    graphs.clear()
+    run_training(*parse_args(tiny_argv(assets, compiled_dir, *compiling)))
+    assert graphs["unique_graphs"] >= 1  # the forward did run compiled
+    compiled_losses, reference_losses = train_losses(compiled_dir), train_losses(reference_dir)
+    assert compiled_losses.keys() == reference_losses.keys()
+    for step, loss in reference_losses.items():
+        assert compiled_losses[step] == pytest.approx(loss, rel=1e-4), step
+    saved, reference = load_file(compiled_dir / "model.safetensors"), load_file(reference_dir / "model.safetensors")
+    assert saved.keys() == reference.keys()
+    assert AutoModelForCausalLM.from_pretrained(compiled_dir).config.variant_name == "ddl-cc"
+
+    interrupted_dir = tmp_path / "interrupted"
+    with pytest.raises(RuntimeError, match="interrupted after step 5"):
+        run_training(*parse_args(tiny_argv(assets, interrupted_dir, *compiling)), callbacks=[InterruptAtStep(5)])
+    assert last_complete_checkpoint(interrupted_dir) == str(interrupted_dir / "checkpoint-4")
+    assert not (interrupted_dir / "model.safetensors").exists()
+    run_training(*parse_args(tiny_argv(assets, interrupted_dir, *compiling)))
+    assert_same_run(interrupted_dir, compiled_dir)
 
 
 # --------------------------------------------------------------------------- fine-tuning
