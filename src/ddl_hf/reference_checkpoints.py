@@ -196,11 +196,9 @@ def read_reference_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor
 def normalize_reference_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a wrapper prefix that every key has (`_orig_mod.`, `module.`), and move `transformer.ln_f`,
     `transformer.readout`, `transformer.input_embed` to the top level, where `reference_name` puts them."""
-    keys = list(state_dict)
     for prefix in WRAPPER_PREFIXES:
-        if keys and all(key.startswith(prefix) for key in keys):
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
             state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
-            keys = list(state_dict)
     normalized = {}
     for key, value in state_dict.items():
         module = key.removeprefix("transformer.").split(".", 1)[0]
