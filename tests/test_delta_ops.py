@@ -21,6 +21,7 @@ from ddl_hf.models.ddl.delta_ops import (
     delta_update_reference,
     fast_paths_enabled,
     reference_paths,
+    token_compress,
     token_conv,
     token_conv_reference,
     unit_direction,
@@ -502,3 +503,46 @@ def test_factored_channel_read_is_a_same_padded_conv_along_the_values_then_a_sha
     torch.testing.assert_close(compressor(state), by_definition, **FP32)
     shared = StateCompressor(d, value_channels, kind="token", conv_size=2)
     assert torch.equal(shared.read_matrix(), shared.read_vector.expand(d, value_channels))
+
+
+def _every_fused_op(state, h, beta, v, read_weight, filters, embed_filters, embeddings):
+    """One chain through every fused op, as a block and its neighbours run them: EC token convolution, the rewrite
+    (keeping its input, then its output), the channel read and the read after a write, the token compressor."""
+    batch, tokens, d, d_v = state.shape
+    expanded = token_conv(embeddings, embed_filters, padding=embed_filters.shape[-1] - 1)  # (B, T, d * d_v)
+    state = state + expanded.unflatten(-1, (d, d_v))
+    new_state, write = delta_update(state, h, beta, v, EPS, return_write=True)
+    read = channel_read_after_write(channel_compress(state, read_weight), h, write, read_weight)
+    newer = delta_update(new_state, h, beta, v, EPS, save_output=True)
+    filtered = token_compress(newer.flatten(-2), filters, read_weight, padding=filters.shape[-1] - 1)
+    return newer.flatten(-2).float().sum(-1) + read.float().sum(-1) + filtered.float().sum(-1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inductor_compiled_fused_ops_match_the_eager_references_forward_and_every_gradient(dtype):
+    """What a GPU run compiles (inductor writes C++ here and Triton there from the same graph): the fused paths,
+    compiled, against the plain references in eager mode, forward and the gradient of every input."""
+    generator = torch.Generator().manual_seed(7)
+    d, d_v, kernel = 16, 4, 4
+    state, h, beta, v = random_problem((2, 9), d, d_v, dtype, generator)
+    extra = [
+        torch.randn(d, d_v, generator=generator),  # read weight
+        0.5 * torch.randn(d * d_v, 1, kernel, generator=generator),  # TC filters
+        0.5 * torch.randn(d * d_v, 1, kernel, generator=generator),  # EC filters
+        torch.randn(2, 9, d, generator=generator),  # embeddings
+    ]
+    inputs = [state, h, beta, v, *(tensor.to(dtype).requires_grad_() for tensor in extra)]
+    weights = torch.randn(2, 9, generator=generator)
+    torch._dynamo.reset()
+    compiled = torch.compile(_every_fused_op, backend="inductor", fullgraph=True)
+    got, got_grads = value_and_grads(compiled, inputs, weights)
+    with reference_paths():
+        expected, expected_grads = value_and_grads(_every_fused_op, inputs, weights)
+    torch._dynamo.reset()
+    tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
+    torch.testing.assert_close(got, expected, **tolerance)
+    for index, (grad, reference) in enumerate(zip(got_grads, expected_grads)):
+        assert grad.dtype == inputs[index].dtype
+        tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(reference)
+        torch.testing.assert_close(grad.float(), reference.float(), **tolerance, msg=f"gradient of input {index}")
