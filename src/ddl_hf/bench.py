@@ -153,12 +153,6 @@ class Workload:
         self.model = DDLForCausalLM(self.config).to(device=args.device, dtype=DTYPES[args.dtype])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.compiled = args.compile
-        if args.compile:
-            # Dynamo keeps at most `recompile_limit` graphs per code object, and every model here shares the forward
-            # functions' code: one process holds each variant in four workloads (training, prefill, two decode batch
-            # sizes). Past the limit dynamo runs the frames eagerly under its own overhead, 50x slower.
-            limit = 8 * len(args.variants) + 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         # Static shapes: every workload has fixed shapes, and a dynamic graph would be slower.
         backend = args.compile_backend
         self.forward = torch.compile(self.model, dynamic=False, backend=backend) if args.compile else self.model
@@ -333,6 +327,12 @@ def measure_memory_in_subprocess(args: argparse.Namespace, variant: str) -> int:
 # --------------------------------------------------------------------------- report
 def run_benchmark(args: argparse.Namespace) -> dict:
     variants = args.variants if BASELINE in args.variants else [BASELINE, *args.variants]
+    if args.compile:
+        # Dynamo keeps at most `recompile_limit` graphs per code object, and every model here shares the forward
+        # functions' code: this process holds each variant in four compiled workloads (training, prefill, decoding
+        # at each batch size). Past the limit dynamo runs the frames eagerly under its own overhead, 50x slower.
+        limit = len(variants) * (2 + 2 * len(args.decode_batch_sizes)) + 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     load_before = _load_average()
     workloads = {variant: Workload(args, variant) for variant in variants}
     device, clock = args.device, TIMERS[args.timer]
@@ -341,20 +341,15 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     # Compiled, the first call of each workload compiles; its wall time is reported apart.
     compile_seconds: dict[str, dict[str, float]] = {name: {} for name in variants}
 
-    def record_compile(kind: str, seconds: dict[str, float] | None) -> None:
-        for name, value in (seconds or {}).items():
+    def medians(kind: str, measure: Callable[[str], float], warmup: int) -> dict[str, float]:
+        first = {} if args.compile else None
+        seconds = interleaved_medians(variants, measure, args.repeats, warmup, first)
+        for name, value in (first or {}).items():
             compile_seconds[name][kind] = value
+        return seconds
 
     def throughput(kind: str, function_of: Callable[[Workload], Callable[[], object]], count: int):
-        first = {} if args.compile else None
-        seconds = interleaved_medians(
-            variants,
-            lambda name: _timed(function_of(workloads[name]), device, clock),
-            args.repeats,
-            args.warmup,
-            first,
-        )
-        record_compile(kind, first)
+        seconds = medians(kind, lambda name: _timed(function_of(workloads[name]), device, clock), args.warmup)
         return {name: count / value for name, value in seconds.items()}
 
     metrics: dict[str, dict[str, float]] = {name: {} for name in variants}
@@ -363,15 +358,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     for name, value in throughput("prefill", lambda w: w.prefill, tokens).items():
         metrics[name]["prefill_tokens_per_s"] = value
     for size in args.decode_batch_sizes:
-        first = {} if args.compile else None
-        seconds = interleaved_medians(
-            variants,
-            lambda name, size=size: workloads[name].decode(size, clock),
-            args.repeats,
-            min(args.warmup, 1),
-            first,
+        seconds = medians(
+            f"decode_batch_{size}", lambda name, size=size: workloads[name].decode(size, clock), min(args.warmup, 1)
         )
-        record_compile(f"decode_batch_{size}", first)
         for name, value in seconds.items():
             metrics[name][f"decode_batch_{size}_tokens_per_s"] = size * args.decode_tokens / value
     largest = max(args.decode_batch_sizes)
