@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from ddl_hf import DDLForCausalLM, DeltaShortcut, record_delta_stats
+from ddl_hf import DDLForCausalLM, DeltaShortcut, record_delta_stats, state_matrix
 from ddl_hf.delta_stats import BETA_REGIMES, DeltaStatsRecorder
 
 # One beta per (layer, sublayer) of the tiny model, one in each regime.
@@ -53,8 +53,8 @@ def direct_statistics(model, input_ids, attention_mask=None):
         beta = module.gate(context)[..., 0]
         v = module.value(block_input if block_input is not None else state)
         k = h / torch.sqrt(h.square().sum(-1, keepdim=True) + module.k_eps**2)
-        before = torch.einsum("btd,btdv->btv", k, state.unflatten(-1, (d, d_v))) - v
-        after = torch.einsum("btd,btdv->btv", k, output.unflatten(-1, (d, d_v))) - v
+        before = torch.einsum("btd,btdv->btv", k, state_matrix(state, d, d_v)) - v
+        after = torch.einsum("btd,btdv->btv", k, state_matrix(output, d, d_v)) - v
         result[key] = {
             "beta": beta[keep],
             "before": before.norm(dim=-1)[keep],

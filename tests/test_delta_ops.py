@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import perturb, tiny_model
-from ddl_hf import PRESET_VARIANTS, DDLConfig, DDLForCausalLM, DeltaShortcut, StateCompressor
+from ddl_hf import (
+    PRESET_VARIANTS,
+    DDLConfig,
+    DDLForCausalLM,
+    DeltaShortcut,
+    StateCompressor,
+    flat_state,
+    state_matrix,
+)
 from ddl_hf.models.ddl.delta_ops import (
     channel_compress,
     channel_compress_reference,
@@ -22,6 +30,7 @@ from ddl_hf.models.ddl.delta_ops import (
     fast_paths_enabled,
     reference_paths,
     token_compress,
+    token_compress_reference,
     token_conv,
     token_conv_reference,
     unit_direction,
@@ -36,9 +45,24 @@ def bf16_tolerance(reference: torch.Tensor) -> dict:
     return dict(rtol=1.6e-2, atol=1.6e-2 * float(reference.detach().float().abs().max()) + 1e-6)
 
 
-def random_problem(leading, d, d_v, dtype=torch.float32, generator=None):
+LAYOUTS = ["value-major", "feature-major"]
+
+
+def random_state(leading, d, d_v, dtype=torch.float32, generator=None, layout="value-major"):
+    """A random (*leading, d, d_v) state X, value major in memory (the model's layout, `state_matrix`) or
+    feature major (contiguous)."""
+    if layout == "feature-major":
+        return torch.randn(*leading, d, d_v, generator=generator).to(dtype)
+    return torch.randn(*leading, d_v, d, generator=generator).to(dtype).transpose(-1, -2)
+
+
+def is_value_major(matrix: torch.Tensor) -> bool:
+    return matrix.transpose(-1, -2).is_contiguous()
+
+
+def random_problem(leading, d, d_v, dtype=torch.float32, generator=None, layout="value-major"):
     """State X (*leading, d, d_v), h (*leading, d), beta (*leading, 1) in (0, 2), v (*leading, d_v)."""
-    state = torch.randn(*leading, d, d_v, generator=generator).to(dtype)
+    state = random_state(leading, d, d_v, dtype, generator, layout)
     h = (3.0 * torch.randn(*leading, d, generator=generator)).to(dtype)
     beta = (2.0 * torch.rand(*leading, 1, generator=generator)).to(dtype)
     v = torch.randn(*leading, d_v, generator=generator).to(dtype)
@@ -59,8 +83,9 @@ SHAPES = [((6,), 16, 1), ((2, 5), 24, 1), ((7,), 16, 4), ((3, 4), 32, 2), ((9,),
 @pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
 @pytest.mark.parametrize("leading,d,d_v", SHAPES)
-def test_delta_update_matches_reference_fp32(leading, d, d_v, erase, save_output):
-    inputs = random_problem(leading, d, d_v)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_delta_update_matches_reference_fp32(leading, d, d_v, erase, save_output, layout):
+    inputs = random_problem(leading, d, d_v, layout=layout)
     weights = torch.randn(*leading, d, d_v)
     fast, fast_grads = value_and_grads(
         lambda *a: delta_update(*a, EPS, erase=erase, save_output=save_output), inputs, weights
@@ -75,8 +100,9 @@ def test_delta_update_matches_reference_fp32(leading, d, d_v, erase, save_output
 @pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
 @pytest.mark.parametrize("d_v", [1, 4])
-def test_delta_update_matches_reference_bf16(d_v, erase, save_output):
-    inputs = random_problem((4, 6), 32, d_v, dtype=torch.bfloat16)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_delta_update_matches_reference_bf16(d_v, erase, save_output, layout):
+    inputs = random_problem((4, 6), 32, d_v, dtype=torch.bfloat16, layout=layout)
     weights = torch.randn(4, 6, 32, d_v)
     fast, fast_grads = value_and_grads(
         lambda *a: delta_update(*a, EPS, erase=erase, save_output=save_output), inputs, weights
@@ -253,8 +279,9 @@ def test_channel_read_after_write_matches_reference(dtype):
     [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)],
     ids=["fp32", "bf16", "bf16-state-fp32-weight"],
 )
-def test_channel_compress_matches_reference(dtype, weight_dtype):
-    matrix = torch.randn(3, 7, 24, 4).to(dtype).requires_grad_()
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_channel_compress_matches_reference(dtype, weight_dtype, layout):
+    matrix = random_state((3, 7), 24, 4, dtype, layout=layout).requires_grad_()
     read_weight = torch.randn(24, 4).to(weight_dtype).requires_grad_()
     weights = torch.randn(3, 7, 24)
     inputs = [matrix, read_weight]
@@ -319,19 +346,58 @@ def test_token_conv_output_token_t_reads_inputs_up_to_t():
         assert not torch.equal(out[:, 5], base[:, 5])
 
 
-def test_channel_compress_small_and_large_inputs_match_reference():
-    """Decoding-size inputs take a product and a sum, larger ones the grouped convolution."""
-    read_weight = torch.randn(64, 4, requires_grad=True)
-    for tokens in (3, 300):
-        matrix = torch.randn(tokens, 64, 4, requires_grad=True)
-        weights = torch.randn(tokens, 64)
-        fast, fast_grads = value_and_grads(channel_compress, [matrix, read_weight], weights)
-        ref, ref_grads = value_and_grads(channel_compress_reference, [matrix, read_weight], weights)
-        torch.testing.assert_close(fast, ref, **FP32)
-        for got, expected in zip(fast_grads, ref_grads):
-            torch.testing.assert_close(got, expected, **FP32)
-        with torch.no_grad():
-            assert torch.equal(channel_compress(matrix, read_weight), fast)
+@pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
+@pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
+def test_fast_paths_give_value_major_states_and_state_gradients(erase, save_output):
+    """What the speed rests on: given the model's value-major state, every state-sized tensor the fast paths
+    make (the new state, the gradients of the state) is value major again, so no pass reads along d_v."""
+    state, h, beta, v = random_problem((2, 6), 16, 4)
+    read_weight = torch.randn(16, 4, requires_grad=True)
+    new_state = delta_update(state, h, beta, v, EPS, erase=erase, save_output=save_output)
+    assert is_value_major(new_state)
+    assert flat_state(new_state).data_ptr() == new_state.data_ptr()  # flattening is a view
+    read = channel_compress(new_state, read_weight)
+    (grad_state,) = torch.autograd.grad((read.square().sum() + new_state.square().sum()), [state])
+    assert is_value_major(grad_state)
+    (grad_read,) = torch.autograd.grad(channel_compress(state, read_weight).square().sum(), [state])
+    assert is_value_major(grad_read)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40], ids=["decode-step", "few-tokens", "convolution"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_token_compress_matches_reference(tokens, dtype):
+    """The folded (K, d_v) depthwise convolution over the value-major state, and the windows product of a few
+    tokens, against filtering every channel and then reading: forward and every gradient, every padding."""
+    d, d_v, kernel = 12, 4, 4
+    for padding in range(kernel):
+        x = torch.randn(2, tokens + kernel - 1 - padding, d_v * d).to(dtype).requires_grad_()
+        filters = (0.5 * torch.randn(d * d_v, 1, kernel)).to(dtype).requires_grad_()
+        read_weight = torch.randn(d, d_v).to(dtype).requires_grad_()
+        inputs, weights = [x, filters, read_weight], torch.randn(2, tokens, d)
+        fast, fast_grads = value_and_grads(lambda *a, p=padding: token_compress(*a, p), inputs, weights)
+        ref, ref_grads = value_and_grads(lambda *a, p=padding: token_compress_reference(*a, p), inputs, weights)
+        assert fast.shape == ref.shape == (2, tokens, d) and fast.dtype == dtype
+        tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(ref)
+        torch.testing.assert_close(fast, ref, **tolerance)
+        for name, got, expected in zip(("x", "filters", "read"), fast_grads, ref_grads):
+            tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
+            torch.testing.assert_close(got, expected, **tolerance, msg=f"gradient of {name}, padding {padding}")
+
+
+def test_token_compress_reads_channel_j_times_d_plus_i_as_feature_i_value_j():
+    """The layout, exactly: a state that is 1 at feature i, value j (flat channel j * d + i) and 0 elsewhere
+    reads W[i, j] f_ij[K-1] at feature i, whichever path runs."""
+    d, d_v, kernel = 5, 3, 2
+    filters = torch.randn(d * d_v, 1, kernel)
+    read_weight = torch.randn(d, d_v)
+    for tokens in (1, 40):
+        for i, j in ((0, 0), (3, 1), (4, 2)):
+            x = torch.zeros(1, tokens, d_v * d)
+            x[0, -1, j * d + i] = 1.0
+            out = token_compress(x, filters, read_weight, padding=kernel - 1)[0, -1]
+            expected = torch.zeros(d)
+            expected[i] = read_weight[i, j] * filters[i * d_v + j, 0, -1]
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("form", ["factored", "free"])
@@ -342,7 +408,7 @@ def test_read_after_write_equals_reading_the_new_state(form):
             parameter.normal_()
     state = torch.randn(2, 5, 64)
     h, write = torch.randn(2, 5, 16), torch.randn(2, 5, 4)
-    new_state = (state.unflatten(-1, (16, 4)) + h.unsqueeze(-1) * write.unsqueeze(-2)).flatten(-2)
+    new_state = flat_state(state_matrix(state, 16, 4) + h.unsqueeze(-1) * write.unsqueeze(-2))
     torch.testing.assert_close(compressor.read_after_write(compressor(state), h, write), compressor(new_state), **FP32)
     with pytest.raises(ValueError, match="kind='channel'"):
         StateCompressor(16, 4, kind="token").read_after_write(compressor(state), h, write)
@@ -355,8 +421,8 @@ def test_shortcut_write_reproduces_its_new_state(value_channels):
     h, context, block_input = torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     new_state, write = shortcut(state, h, context, block_input, return_write=True)
     assert torch.equal(new_state, shortcut(state, h, context, block_input))
-    rebuilt = state.unflatten(-1, (16, value_channels)) + h.unsqueeze(-1) * write.unsqueeze(-2)
-    torch.testing.assert_close(new_state, rebuilt.flatten(-2), **FP32)
+    rebuilt = state_matrix(state, 16, value_channels) + h.unsqueeze(-1) * write.unsqueeze(-2)
+    torch.testing.assert_close(new_state, flat_state(rebuilt), **FP32)
 
 
 def test_reference_paths_switches_and_restores():
@@ -496,7 +562,7 @@ def test_factored_channel_read_is_a_same_padded_conv_along_the_values_then_a_sha
         compressor.read_vector.normal_()
     state = torch.randn(3, 7, d * value_channels)
     left = (kernel_size - 1) // 2
-    padded = F.pad(state.unflatten(-1, (d, value_channels)), (left, kernel_size - 1 - left))  # (3, 7, d, d_v + K-1)
+    padded = F.pad(state_matrix(state, d, value_channels), (left, kernel_size - 1 - left))  # (3, 7, d, d_v + K-1)
     windows = padded.unfold(-1, kernel_size, 1)  # (3, 7, d, d_v, K): windows[..., i, u, t] = X[i, u + t - left]
     convolved = (windows * compressor.channel_kernel.unsqueeze(-2)).sum(-1)  # (3, 7, d, d_v)
     by_definition = convolved @ compressor.read_vector
@@ -514,8 +580,8 @@ def _every_fused_op(state, h, beta, v, read_weight, filters, embed_filters, embe
     new_state, write = delta_update(state, h, beta, v, EPS, return_write=True)
     read = channel_read_after_write(channel_compress(state, read_weight), h, write, read_weight)
     newer = delta_update(new_state, h, beta, v, EPS, save_output=True)
-    filtered = token_compress(newer.flatten(-2), filters, read_weight, padding=filters.shape[-1] - 1)
-    return newer.flatten(-2).float().sum(-1) + read.float().sum(-1) + filtered.float().sum(-1)
+    filtered = token_compress(flat_state(newer), filters, read_weight, padding=filters.shape[-1] - 1)
+    return flat_state(newer).float().sum(-1) + read.float().sum(-1) + filtered.float().sum(-1)
 
 
 @pytest.mark.slow

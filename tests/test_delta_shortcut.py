@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddl_hf import DeltaShortcut, delta_update_reference, unit_direction
+from ddl_hf import DeltaShortcut, delta_update_reference, flat_state, state_matrix, unit_direction
 from ddl_hf.models.ddl.delta_ops import delta_update
 
 EPS = 1e-5
@@ -191,11 +191,11 @@ def manual_shortcut(shortcut: DeltaShortcut, state, h, context, source):
     if shortcut.value_activation == "sigmoid":
         v = shortcut.value_scale * torch.sigmoid(v)
     k = h / torch.sqrt(h.square().sum(-1, keepdim=True) + shortcut.k_eps**2)
-    matrix = state.unflatten(-1, (d, d_v))
+    matrix = state_matrix(state, d, d_v)
     write = v.unsqueeze(-2)
     if shortcut.erase:
         write = write - (k.unsqueeze(-1) * matrix).sum(-2, keepdim=True)
-    return (matrix + beta.unsqueeze(-1) * k.unsqueeze(-1) * write).flatten(-2)
+    return flat_state(matrix + beta.unsqueeze(-1) * k.unsqueeze(-1) * write)
 
 
 @pytest.mark.parametrize(
@@ -264,7 +264,7 @@ def test_gradient_of_the_state_is_the_shortcut_operator():
     beta = shortcut.gate(context).detach()
     k = unit_direction(h, EPS)
     operator = torch.eye(d) - beta[:, :, None] * k[:, :, None] * k[:, None, :]
-    expected = (operator.transpose(1, 2) @ upstream.unflatten(-1, (d, d_v))).flatten(-2)
+    expected = flat_state(operator.transpose(1, 2) @ state_matrix(upstream, d, d_v))
     torch.testing.assert_close(state.grad, expected, atol=ATOL, rtol=0)
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import perturb, random_tokens, tiny_model
-from ddl_hf import PRESET_VARIANTS, DDLModel
+from ddl_hf import PRESET_VARIANTS, DDLModel, state_matrix
 
 VARIANTS = list(PRESET_VARIANTS)
 
@@ -36,7 +36,7 @@ def test_hidden_states_are_the_width_d_reads_the_blocks_take(variant):
             else:
                 assert torch.equal(hidden[i], layer.compressor(residual[i]))
                 if config.state_compressor == "channel":
-                    by_hand = (residual[i].unflatten(-1, (d, d_v)) * layer.compressor.read_matrix()).sum(-1)
+                    by_hand = (state_matrix(residual[i], d, d_v) * layer.compressor.read_matrix()).sum(-1)
                     torch.testing.assert_close(hidden[i], by_hand, atol=1e-6, rtol=1e-6)
         if d_v == 1:
             assert torch.equal(hidden[0], backbone.embed_tokens(ids))

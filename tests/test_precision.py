@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import random_tokens, tiny_model
-from ddl_hf import DDLForCausalLM
+from ddl_hf import DDLForCausalLM, state_matrix
 
 # Compiled kernels are cached across runs (a cold inductor compile of the tiny models takes tens of seconds).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ddl_hf_inductor_cache"))
@@ -223,8 +223,8 @@ def test_gate_saturated_at_two_stays_finite_and_reflects(variant, dtype):
             shortcut.value_proj.weight.zero_()
             shortcut.value_proj.bias.fill_(-1e4)  # sigmoid -> 0: v = 0
             out = shortcut(state, h, torch.randn(5, d, generator=generator), block_input=torch.randn(5, d))
-        norms_in = state.unflatten(-1, (d, d_v)).norm(dim=-2)
-        norms_out = out.unflatten(-1, (d, d_v)).norm(dim=-2)
+        norms_in = state_matrix(state, d, d_v).norm(dim=-2)
+        norms_out = state_matrix(out, d, d_v).norm(dim=-2)
         torch.testing.assert_close(norms_out, norms_in, rtol=1e-4, atol=1e-5)
 
 

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .models.ddl.delta_layers import DeltaShortcut
+from .models.ddl.delta_layers import DeltaShortcut, state_matrix
 from .models.ddl.delta_ops import unit_direction
 
 # Regime name -> (low, high): low <= beta < high, except "match" which includes 1.1.
@@ -172,7 +172,7 @@ class DeltaStatsRecorder:
 
         Args:
             shortcut: the `DeltaShortcut` (gives `hidden_size` d, `value_channels` d_v, `k_eps`).
-            state, new_state: (..., d * d_v) the state before and after the update, feature major.
+            state, new_state: (..., d_v * d) the state before and after the update, value major (`state_matrix`).
             h: (..., d) sublayer output. beta: (..., 1) gate. v: (..., d_v) value target.
         """
         if id(shortcut) not in self._accumulators:
@@ -180,8 +180,8 @@ class DeltaStatsRecorder:
         d, d_v = shortcut.hidden_size, shortcut.value_channels
         k = unit_direction(h, shortcut.k_eps).unsqueeze(-1)  # (..., d, 1)
         target = v.float()
-        e_before = (k * state.float().unflatten(-1, (d, d_v))).sum(-2) - target  # (..., d_v)
-        e_after = (k * new_state.float().unflatten(-1, (d, d_v))).sum(-2) - target
+        e_before = (k * state_matrix(state.float(), d, d_v)).sum(-2) - target  # (..., d_v)
+        e_after = (k * state_matrix(new_state.float(), d, d_v)).sum(-2) - target
         values = (beta.float().squeeze(-1), e_before.norm(dim=-1), e_after.norm(dim=-1), target.norm(dim=-1))
         mask = self._mask_for(beta.shape[:-1])
         if mask is None:

@@ -15,7 +15,14 @@ imports); `tests/test_layout.py` checks it.
 """
 
 from .configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
-from .delta_layers import DeltaShortcut, EmbedExpansion, StateCompressor, causal_depthwise_conv
+from .delta_layers import (
+    DeltaShortcut,
+    EmbedExpansion,
+    StateCompressor,
+    causal_depthwise_conv,
+    flat_state,
+    state_matrix,
+)
 from .delta_ops import delta_update_reference, reference_paths, unit_direction
 from .modeling_ddl import DDLForCausalLM, DDLModel, DDLPreTrainedModel
 from .modeling_ddl_heads import DDLForQuestionAnswering, DDLForSequenceClassification, DDLForTokenClassification
@@ -34,6 +41,8 @@ __all__ = [
     "StateCompressor",
     "EmbedExpansion",
     "causal_depthwise_conv",
+    "state_matrix",
+    "flat_state",
     "delta_update_reference",
     "reference_paths",
     "unit_direction",

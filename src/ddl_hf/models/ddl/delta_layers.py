@@ -33,6 +33,24 @@ from .delta_ops import (
 )
 
 
+# --------------------------------------------------------------------------- the state's layout
+def state_matrix(state: torch.Tensor, hidden_size: int, value_channels: int) -> torch.Tensor:
+    """The (..., d, d_v) matrix X of a flat state (..., d_v * d), a view.
+
+    The flat state is value major: `X[..., i, j]` lives at `state[..., j * d + i]`, so each of the
+    d_v columns `X[..., :, j]` is a contiguous width-d vector (d_v residual streams side by side;
+    with d_v = 1 it is the ordinary stream). Every pass over the state then runs along d, which CPU
+    vector units and GPU warps read contiguously, instead of along the few d_v values.
+    """
+    return state.unflatten(-1, (value_channels, hidden_size)).transpose(-1, -2)
+
+
+def flat_state(matrix: torch.Tensor) -> torch.Tensor:
+    """The flat value-major state (..., d_v * d) of a (..., d, d_v) matrix: a view of a value-major
+    matrix (what `state_matrix` and the ops return), a copy otherwise."""
+    return matrix.transpose(-1, -2).flatten(-2)
+
+
 # --------------------------------------------------------------------------- Delta shortcut
 def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
@@ -58,8 +76,8 @@ class DeltaShortcut(nn.Module):
     (`mode="write_only"`), with k the unit direction of `h`, `beta = 2 sigmoid(gate(context))`
     in (0, 2) and `v` a learned readout of `d_v = value_channels` values.
 
-    Shapes: `state` is (..., d * d_v), feature major (`X[..., i, j]` at `i * d_v + j`;
-    plain (..., d) when d_v = 1); `h` and `context` are (..., d); `block_input` (the
+    Shapes: `state` is (..., d_v * d), value major (`X[..., i, j]` at `j * d + i`, see
+    `state_matrix`; plain (..., d) when d_v = 1); `h` and `context` are (..., d); `block_input` (the
     un-normalized width-d input of the sublayer) is (..., d) and is what the value reads when
     `value_input="state"` (when d_v = 1 it defaults to `state`).
 
@@ -168,7 +186,7 @@ class DeltaShortcut(nn.Module):
         block_input: torch.Tensor | None = None,
         return_write: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The new state (..., d * d_v); with `return_write=True` also the write w (..., d_v) in fp32
+        """The new state (..., d_v * d); with `return_write=True` also the write w (..., d_v) in fp32
         such that the new state is X + h w^T."""
         if self.value_input == "context":
             source = context
@@ -180,7 +198,7 @@ class DeltaShortcut(nn.Module):
             raise ValueError("DeltaShortcut with value_channels > 1 and value_input='state' needs `block_input`")
         beta = self.gate(context)
         v = self.value(source)
-        matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
+        matrix = state_matrix(state, self.hidden_size, self.value_channels)
         new_matrix, write = delta_update(
             matrix,
             h,
@@ -192,7 +210,7 @@ class DeltaShortcut(nn.Module):
             save_output=self.keep_output_for_backward,
             use_fast_path=self.use_fast_path,
         )
-        new_state = new_matrix.flatten(-2)
+        new_state = flat_state(new_matrix)
         if self._recorder is not None:
             self._recorder.record(self, state, h, beta, v, new_state)
         return (new_state, write) if return_write else new_state
@@ -208,7 +226,7 @@ class DeltaShortcut(nn.Module):
         state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new state and `compressor`'s read of it, for the next sublayer. (..., d * d_v), (..., d).
+        """The new state and `compressor`'s read of it, for the next sublayer. (..., d_v * d), (..., d).
 
         `block_input` is `compressor`'s read of `state`. A channel compressor is linear per token, so
         its read of the new state X + h w^T is `block_input + h (W w)`: one pass over the (d, d_v)
@@ -249,11 +267,12 @@ def causal_depthwise_conv(
             (`DDLConfig.conv_state_index`), decoding reads them back.
         padding_mask: (B, T) bool, False at padded positions, which are zeroed first so that a
             left-padded row sees exactly what an unpadded row sees.
-        read_weight: (C_out // d_v, d_v) or None. Given, the filtered channels are read by a channel
-            compressor (`x_in[i] = sum_j W[i, j] y[i * d_v + j]`): the token compressor.
+        read_weight: (d, d_v) or None. Given, x is the value-major state (B, T, d_v * d) and the
+            filtered channels are read by a channel compressor (`delta_ops.token_compress`): the
+            token compressor.
 
     Returns:
-        (B, T, C_out), or (B, T, C_out // d_v) with `read_weight`.
+        (B, T, C_out), or (B, T, d) with `read_weight`.
     """
     if padding_mask is not None:
         x = x.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
@@ -319,7 +338,7 @@ class _StateModule(nn.Module):
 
 
 class StateCompressor(_StateModule):
-    """Reads the width-d block input from the expanded state. (B, T, d * d_v) -> (B, T, d).
+    """Reads the width-d block input from the expanded state. (B, T, d_v * d) -> (B, T, d).
 
     `x_in[i] = sum_j W[i, j] X[i, j]` (channel compressor, CC); the token compressor (TC)
     first runs a depthwise causal convolution over tokens on all d * d_v channels (`conv_weight`
@@ -420,7 +439,7 @@ class StateCompressor(_StateModule):
         state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`state` (B, T, d * d_v) -> (B, T, d); a token compressor keeps its inputs as conv state `state_idx`
+        """`state` (B, T, d_v * d) -> (B, T, d); a token compressor keeps its inputs as conv state `state_idx`
         of `cache.layers[cache_layer_idx]` (`DDLConfig.conv_state_index`)."""
         if self.conv_weight is not None:
             return causal_depthwise_conv(
@@ -433,7 +452,7 @@ class StateCompressor(_StateModule):
                 use_fast_path=self.use_fast_path,
                 read_weight=self.read_matrix(),
             )
-        matrix = state.unflatten(-1, (self.hidden_size, self.value_channels))
+        matrix = state_matrix(state, self.hidden_size, self.value_channels)
         return channel_compress(matrix, self.read_matrix(), use_fast_path=self.use_fast_path)
 
     def read_after_write(
@@ -443,21 +462,21 @@ class StateCompressor(_StateModule):
 
         `sum_j W[i, j] (X[i, j] + h[i] w[j]) = read[i] + h[i] (W w)[i]`: `read` (..., d), `h` (..., d),
         `write` (..., d_v) -> (..., d), in `read.dtype`; the fast path does not touch the new state.
-        Given `new_state` (..., d * d_v), the reference path reads it instead (the plain definition).
+        Given `new_state` (..., d_v * d), the reference path reads it instead (the plain definition).
         Only the channel compressor is linear per token.
         """
         if self.conv_weight is not None:
             raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
         if new_state is None:
             return channel_read_after_write(read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path)
-        matrix = new_state.unflatten(-1, (self.hidden_size, self.value_channels))
+        matrix = state_matrix(new_state, self.hidden_size, self.value_channels)
         return channel_compress_after_write(
             matrix, read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path
         )
 
 
 class EmbedExpansion(_StateModule):
-    """Turns token embeddings into the first residual state. (B, T, d) -> (B, T, d * d_v).
+    """Turns token embeddings into the first residual state. (B, T, d) -> (B, T, d_v * d), value major.
 
     `"conv"` (EC): a depthwise causal convolution over tokens mapping feature i to its d_v
     channels, identity at init (so it starts as repetition), keeping its inputs in
@@ -482,10 +501,13 @@ class EmbedExpansion(_StateModule):
         self, embeddings: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.conv_weight is None:
-            return embeddings.repeat_interleave(self.value_channels, dim=-1)
-        return causal_depthwise_conv(
+            return embeddings.repeat(*(1,) * (embeddings.dim() - 1), self.value_channels)
+        # The convolution's output channels come feature major (group i's d_v outputs side by side): one copy
+        # to the value-major layout, once per forward.
+        expanded = causal_depthwise_conv(
             embeddings, self.conv_weight, cache, 0, self.state_idx, padding_mask, use_fast_path=self.use_fast_path
         )
+        return flat_state(expanded.unflatten(-1, (self.hidden_size, self.value_channels)))
 
 
 # --------------------------------------------------------------------------- built from a DDLConfig
@@ -545,6 +567,8 @@ def embed_expansion_from_config(config: DDLConfig) -> EmbedExpansion | None:
 
 
 __all__ = [
+    "state_matrix",
+    "flat_state",
     "DeltaShortcut",
     "StateCompressor",
     "EmbedExpansion",

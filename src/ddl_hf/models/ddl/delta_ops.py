@@ -16,20 +16,28 @@ against. The direction, the read `k^T X` and the update are computed in fp32 (fl
 float64 inputs, see `upcast`) and the result is cast back to the state's dtype, as in the
 authors' code.
 
+Memory layout. The ops take the state as a (..., d, d_v) tensor of any strides. The model keeps
+it value major: in memory (..., d_v, d), the d_v columns X[..., :, j] each a contiguous width-d
+vector (`state_matrix` in `delta_layers` gives the (..., d, d_v) view). The fast paths are laid
+out for that layout: every pass over the state runs along the contiguous d (vectorized), never
+along the short d_v, and every state-sized result they produce is value major again. They stay
+correct for any other strides, only slower.
+
 Fast paths (the defaults, each tested against its plain reference):
 
 - `delta_update`: one autograd function with an analytic backward. It keeps one state (the
   input, or the output with `save_output`, whichever the model keeps anyway), h, beta, v and
-  three per-token vectors, never a (..., d, d_v) intermediate. The rank-1 write is a batched
-  outer product (d_v > 1) or a row scaling (d_v = 1): CPU kernels run those at memory speed,
-  where a broadcast over the small last dimension d_v does not. `return_write` also gives the
-  write w of `X' = X + h w^T`.
-- `channel_compress`: the channel compressor `x_in[i] = sum_j W[i, j] X[i, j]` as one grouped
-  convolution; `channel_read_after_write` gives the compressor's read of `X + h w^T` from its
-  read of X without touching X.
+  three per-token vectors, never a (..., d, d_v) intermediate. The read `k^T X` is a batched
+  product; the rank-1 write is one `addcmul` along d. `return_write` also gives the write w of
+  `X' = X + h w^T`.
+- `channel_compress`: the channel compressor `x_in[i] = sum_j W[i, j] X[i, j]` as d_v
+  multiply-adds of contiguous columns; `channel_read_after_write` gives the compressor's read of
+  `X + h w^T` from its read of X without touching X.
 - `token_conv`: causal convolutions over tokens on the token-major (B, T, C) layout the model
   keeps, run as a channels-last 2-D convolution (no transposed copies), or, for the few tokens
-  of a decoding step, as one product of the windows.
+  of a decoding step, as one product of the windows. `token_compress` reads the value-major
+  state as a (d, T, d_v) image: its filters and the read fold into one depthwise (K, d_v)
+  convolution.
 
 Without autograd (inference) the same arithmetic runs without the autograd wrappers, so results
 do not depend on the grad mode.
@@ -135,22 +143,23 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _outer_add(base: torch.Tensor, column: torch.Tensor, row: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """base + alpha * column row^T per token: (N, d, m), (N, d), (N, m) -> new (N, d, m).
-
-    With m = 1 a row scaling (an elementwise kernel); with m > 1 a batched (N, d, 1) @ (N, 1, m)
-    product, which CPU kernels run at memory speed where a broadcast over the small last
-    dimension does not."""
-    if base.shape[-1] == 1:
-        return torch.addcmul(base.squeeze(-1), column, row, value=alpha).unsqueeze(-1)
-    row = row if alpha == 1.0 else row * alpha
-    return torch.bmm(column.unsqueeze(-1), row.unsqueeze(1)).add_(base)
+    """base + alpha * column row^T per token: (N, d, m), (N, d), (N, m) -> new (N, d, m), value major
+    for a value-major base (one elementwise pass along d)."""
+    result = torch.addcmul(base.transpose(1, 2), row.unsqueeze(-1), column.unsqueeze(1), value=alpha)
+    return result.transpose(1, 2)
 
 
 def _rowwise_matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """matrix @ vector per token: (N, d, m), (N, m) -> (N, d)."""
+    """matrix @ vector per token: (N, d, m), (N, m) -> (N, d), as (N, 1, m) @ (N, m, d) products
+    (row-major operands for a value-major matrix)."""
     if matrix.shape[-1] == 1:
         return matrix.squeeze(-1) * vector
-    return torch.bmm(matrix, vector.unsqueeze(-1)).squeeze(-1)
+    return torch.bmm(vector.unsqueeze(1), matrix.transpose(1, 2)).squeeze(1)
+
+
+def _value_major_zeros(leading: int, d: int, d_v: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of shape (leading, d, d_v), value major in memory."""
+    return torch.zeros(leading, d_v, d, dtype=dtype, device=device).transpose(1, 2)
 
 
 def _full_precision(tensor: torch.Tensor) -> AbstractContextManager:
@@ -231,7 +240,7 @@ class _DeltaUpdate(torch.autograd.Function):
         with _full_precision(h):
             hf, bf = upcast(h), upcast(beta)
             if grad_new_state is None:  # only w is used: G = 0
-                grad_new_state = torch.zeros(*hf.shape, write.shape[-1], dtype=state_dtype, device=hf.device)
+                grad_new_state = _value_major_zeros(*hf.shape, write.shape[-1], state_dtype, hf.device)
             grad_out = upcast(grad_new_state)
             s_grad = _rowwise_dot(hf, grad_out)  # S = G^T h + dL/dw  (N, d_v)
             if grad_write is not None:
@@ -303,39 +312,37 @@ def channel_compress_reference(matrix: torch.Tensor, read_weight: torch.Tensor) 
     return (matrix * read_weight).sum(-1)
 
 
-# Below this many state elements (a decoding step), a product and a sum beat a convolution call.
-_SMALL_INPUT = 1 << 16
-
-
-def _grouped_read(matrix: torch.Tensor, read_weight: torch.Tensor) -> torch.Tensor:
-    """(N, d, d_v), (d, d_v) -> (N, d) as a grouped convolution (group i reads its d_v values once),
-    or, for small inputs, as a product and a sum."""
-    if matrix.numel() < _SMALL_INPUT:
-        return channel_compress_reference(matrix, read_weight)
-    # The reference (a product and a sum) is not autocast, so the convolution must not be either.
-    with _full_precision(matrix):
-        return F.conv1d(matrix, read_weight.unsqueeze(1), groups=read_weight.shape[0]).squeeze(-1)
+def _column_read(matrix: torch.Tensor, read_weight: torch.Tensor) -> torch.Tensor:
+    """(N, d, d_v), (d, d_v) -> (N, d): `sum_j W[:, j] * X[:, :, j]`, d_v multiply-adds of the state's
+    columns (contiguous width-d vectors in the value-major layout)."""
+    # Accumulated in fp32 (as a sum reduction would be), rounded once.
+    read = upcast(matrix[..., 0]) * upcast(read_weight[:, 0])
+    for j in range(1, matrix.shape[-1]):
+        read = read.addcmul_(matrix[..., j], read_weight[:, j])
+    return read.to(matrix.dtype)
 
 
 class _ChannelCompress(torch.autograd.Function):
     """x_in[n, i] = sum_j W[i, j] X[n, i, j] on (N, d, d_v), (d, d_v) -> (N, d), both of one dtype.
 
-    Forward is a grouped convolution (feature i = group i, its d_v values = the kernel), one pass
-    over X; backward is dL/dX = g W (broadcast) and dL/dW = sum_n g[n] X[n] with g = dL/dx_in.
+    Forward is one multiply-add per column of X; backward is dL/dX = g W (broadcast, written value
+    major) and dL/dW = sum_n g[n] X[n] with g = dL/dx_in.
     """
 
     @staticmethod
     def forward(ctx, matrix, read_weight):
         ctx.save_for_backward(matrix, read_weight)
-        return _grouped_read(matrix, read_weight)
+        return _column_read(matrix, read_weight)
 
     @staticmethod
     def backward(ctx, grad_read):
         _refuse_double_backward("channel_compress")
         matrix, read_weight = ctx.saved_tensors
-        grad_read = grad_read.unsqueeze(-1)  # (N, d, 1)
-        grad_matrix = grad_read * read_weight if ctx.needs_input_grad[0] else None
-        grad_weight = (matrix * grad_read).sum(0) if ctx.needs_input_grad[1] else None
+        grad_matrix = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_matrix = (grad_read.unsqueeze(1) * read_weight.t().contiguous()).transpose(1, 2)  # value major
+        if ctx.needs_input_grad[1]:
+            grad_weight = (matrix.transpose(1, 2) * grad_read.unsqueeze(1)).sum(0).t().contiguous()
         return grad_matrix, grad_weight
 
 
@@ -351,7 +358,7 @@ def channel_compress(matrix: torch.Tensor, read_weight: torch.Tensor, use_fast_p
     flat, weight = matrix.reshape(-1, d, d_v).to(dtype), read_weight.to(dtype)
     if _needs_autograd(flat, weight):
         return _ChannelCompress.apply(flat, weight).view(*leading, d)
-    return _grouped_read(flat, weight).view(*leading, d)
+    return _column_read(flat, weight).view(*leading, d)
 
 
 def channel_read_after_write_reference(
@@ -484,12 +491,73 @@ def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0, use_fast
     return out[:, : out.shape[1] - conv_padding] if conv_padding else out
 
 
+def _feature_major(x: torch.Tensor, d: int, d_v: int) -> torch.Tensor:
+    """A value-major flat state (..., d_v * d) as the feature-major (..., d * d_v) copy (`X[i, j]` at `i * d_v + j`)."""
+    return x.unflatten(-1, (d_v, d)).transpose(-1, -2).flatten(-2)
+
+
 def token_compress_reference(
     x: torch.Tensor, conv_weight: torch.Tensor, read_weight: torch.Tensor, padding: int = 0
 ) -> torch.Tensor:
     """Plain reference of `token_compress`: filter every channel over tokens, then the channel read."""
-    filtered = token_conv_reference(x, conv_weight, padding)
-    return channel_compress_reference(filtered.unflatten(-1, read_weight.shape), read_weight)
+    d, d_v = read_weight.shape
+    filtered = token_conv_reference(_feature_major(x, d, d_v), conv_weight, padding)
+    return channel_compress_reference(filtered.unflatten(-1, (d, d_v)), read_weight)
+
+
+def _folded_conv(x: torch.Tensor, folded: torch.Tensor, padding: int) -> torch.Tensor:
+    """(B, T_in, d_v * d) value major, (d, d_v, K) -> (B, T_in + padding - K + 1, d): the state read as a
+    channels-last (B, d, T_in, d_v) image (exactly its memory) by one depthwise (K, d_v) convolution."""
+    d, d_v, _ = folded.shape
+    image = x.unflatten(-1, (d_v, d)).permute(0, 3, 1, 2)  # (B, d, T_in, d_v), strides of (B, T_in, d_v, d)
+    filters = folded.transpose(1, 2).unsqueeze(1)  # (d, 1, K, d_v)
+    # Padding both ends of the token axis (not a padded copy of the state); the right end's outputs are dropped.
+    out = F.conv2d(image, filters, padding=(padding, 0), groups=d).squeeze(-1)  # (B, d, T')
+    out = out[..., : out.shape[-1] - padding] if padding else out
+    return out.transpose(1, 2)
+
+
+class _TokenCompress(torch.autograd.Function):
+    """out[b, t, i] = sum_{j, k} F[i, j, k] X[b, t + k - padding, j, i] on the value-major state x
+    (B, T_in, d_v * d) and the folded filters F (d, d_v, K); tokens before the start are 0.
+
+    Forward is the convolution of `_folded_conv`. Backward is written as K shifted products along d
+    (dL/dX[b, s, j, i] = sum_k F[i, j, k] g[b, s + padding - k, i], and dL/dF[i, j, k] the matching sums
+    over b and t), not as the convolution's backward: its value-major result needs no layout change,
+    and inductor, which gives a convolution's backward channels-first copies of the state, fuses these.
+    """
+
+    @staticmethod
+    def forward(ctx, x, folded, padding: int):
+        ctx.padding = padding
+        ctx.save_for_backward(x, folded)
+        return _folded_conv(x, folded, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _refuse_double_backward("token_compress")
+        x, folded = ctx.saved_tensors
+        padding, (d, d_v, kernel) = ctx.padding, folded.shape
+        batch, tokens_in, out_tokens = x.shape[0], x.shape[1], grad_out.shape[1]
+        state = x.view(batch, tokens_in, d_v, d)
+        taps = folded.permute(2, 1, 0)  # (K, d_v, d): tap k of F as a value-major (d_v, d) block
+        grad_x = grad_folded = None
+        if ctx.needs_input_grad[0]:
+            # Output token t reads input token t + k - padding with tap k: input s gets g[s + padding - k].
+            padded = F.pad(grad_out, (0, 0, kernel - 1, kernel - 1)).unsqueeze(2)  # (B, T' + 2K - 2, 1, d)
+            grad_x = torch.zeros_like(state)  # (B, T_in, d_v, d), value major
+            for k in range(kernel):
+                start = padding + kernel - 1 - k
+                grad_x.addcmul_(padded[:, start : start + tokens_in], taps[k])
+            grad_x = grad_x.view_as(x)
+        if ctx.needs_input_grad[1]:
+            grads = []
+            for k in range(kernel):
+                first = max(0, padding - k)  # the first output token whose tap k reads a real input token
+                window = state[:, first + k - padding : out_tokens + k - padding]
+                grads.append((window * grad_out[:, first:].unsqueeze(2)).sum((0, 1)))  # (d_v, d)
+            grad_folded = torch.stack(grads, -1).transpose(0, 1).contiguous()  # (d, d_v, K)
+        return grad_x, grad_folded, None
 
 
 def token_compress(
@@ -498,22 +566,32 @@ def token_compress(
     """The token compressor: a causal depthwise convolution over tokens, then the channel read.
 
     Args:
-        x: (B, T_in, d * d_v) the state, feature major.
-        conv_weight: (d * d_v, 1, K) one filter per state channel.
+        x: (B, T_in, d_v * d) the state, value major (`X[:, :, i, j]` at channel `j * d + i`).
+        conv_weight: (d * d_v, 1, K) one filter per state channel, the filter of `X[i, j]` at row
+            `i * d_v + j` (the parameter's layout).
         read_weight: (d, d_v) the read W over each feature's d_v filtered values.
         padding: zero tokens assumed before x, as in `token_conv`.
 
     Returns:
         (B, T_in + padding - K + 1, d): `x_in[i] = sum_j W[i, j] (f_ij * X[:, i, j])`.
 
-    The fast path folds the read into the filters, a (d, d_v, K) product: one grouped convolution
-    reads the state once and writes only (B, T, d).
+    The fast path folds the read into the filters, F[i, j, k] = W[i, j] f_ij[k]: one depthwise
+    convolution with (K, d_v) kernels reads the state once and writes only (B, T, d)
+    (`_TokenCompress`); the few tokens of a decoding step take one product of their windows.
     """
     if not _fast(use_fast_path):
         return token_compress_reference(x, conv_weight, read_weight, padding)
     d, d_v = read_weight.shape
-    folded = conv_weight.view(d, d_v, -1) * read_weight.unsqueeze(-1)
-    return token_conv(x, folded, padding)
+    kernel = conv_weight.shape[-1]
+    folded = conv_weight.view(d, d_v, kernel) * read_weight.unsqueeze(-1)  # (d, d_v, K)
+    batch, tokens = x.shape[:2]
+    if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
+        x = F.pad(x, (0, 0, padding, 0)) if padding else x
+        windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
+        return torch.einsum("btjik,ijk->bti", windows, folded)
+    if _needs_autograd(x, folded):
+        return _TokenCompress.apply(x.contiguous(), folded, padding)
+    return _folded_conv(x, folded, padding)
 
 
 __all__ = [

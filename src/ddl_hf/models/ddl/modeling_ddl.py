@@ -9,13 +9,14 @@ block are replaced by a gated rank-1 rewrite of a residual state `X` of shape
     h    = F(c)                         (B, T, d)       attention or SwiGLU
     X   <- X + beta k (v^T - k^T X)     k = h / |h|, beta = 2 sigmoid(gate(c)), v = value(x_in)
 
-Tensor layout: the state travels between blocks flattened to (B, T, d * d_v), feature
-major, so that `X[b, t, i, j]` lives at `state[b, t, i * d_v + j]`; with d_v = 1 it is the
-usual (B, T, d) hidden state.
+Tensor layout: the state travels between blocks flattened to (B, T, d_v * d), value
+major, so that `X[b, t, i, j]` lives at `state[b, t, j * d + i]` (d_v width-d streams side by
+side; `state_matrix` gives the (B, T, d, d_v) view); with d_v = 1 it is the usual (B, T, d)
+hidden state. Every pass over the state then runs along d, contiguously.
 
 `output_hidden_states=True` returns `num_hidden_layers + 1` tensors of width d, as in every
 transformers model: entry i < L is the read of the state that block i takes (see `DDLModel`), the
-last entry `last_hidden_state`. `output_residual_states=True` returns the full (B, T, d * d_v) states.
+last entry `last_hidden_state`. `output_residual_states=True` returns the full (B, T, d_v * d) states.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ class DDLMLP(nn.Module):
 class DDLDecoderLayer(GradientCheckpointingLayer):
     """One pre-norm block whose two residual writes are Delta rewrites (or additions).
 
-    (B, T, d * d_v) -> (B, T, d * d_v). Where Llama adds the sublayer output to the residual stream,
+    (B, T, d_v * d) -> (B, T, d_v * d). Where Llama adds the sublayer output to the residual stream,
     this block writes it into the state with its `DeltaShortcut`; where Llama's sublayers take the
     residual stream, they take the compressor's width-d read of the state.
     """
@@ -451,8 +452,9 @@ class DDLModel(DDLPreTrainedModel):
       forward anyway (no extra cost, the cache is untouched). During cached decoding they cover the new
       tokens; the token compressor reads through its cached window, so they equal the full forward's
       entries at those positions. An index or list of indices selects entries.
-    - `output_residual_states=True`: `residual_states`, `num_hidden_layers + 1` tensors (B, T, d * d_v),
-      feature major: entry 0 the initial state (the expanded embeddings), entry i the state after block i.
+    - `output_residual_states=True`: `residual_states`, `num_hidden_layers + 1` tensors (B, T, d_v * d),
+      value major (`state_matrix`): entry 0 the initial state (the expanded embeddings), entry i the state
+      after block i.
 
     The forward never synchronises with the host: it compiles with `fullgraph=True`, static caches included.
     """

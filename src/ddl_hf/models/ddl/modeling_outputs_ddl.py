@@ -36,10 +36,10 @@ class DDLInitialState(nn.Module):
 class DDLModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     residual_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_residual_states=True`):
-        The full residual states, `num_hidden_layers + 1` tensors of shape (batch, seq_len, d * d_v)
-        (feature major: `X[i, j]` at `i * d_v + j`): entry 0 the initial state (the expanded
-        embeddings), entry i the state after block i. The last entry is the state itself, not the
-        normalized readout.
+        The full residual states, `num_hidden_layers + 1` tensors of shape (batch, seq_len, d_v * d)
+        (value major: `X[i, j]` at `j * d + i`; `state_matrix(state, d, d_v)` gives the (d, d_v) view):
+        entry 0 the initial state (the expanded embeddings), entry i the state after block i. The last entry is
+        the state itself, not the normalized readout.
     """
 
     residual_states: tuple[torch.FloatTensor, ...] | None = None
@@ -49,7 +49,7 @@ class DDLModelOutputWithPast(BaseModelOutputWithPast):
 class DDLCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     residual_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_residual_states=True`):
-        The full (batch, seq_len, d * d_v) residual states; see `DDLModelOutputWithPast`.
+        The full (batch, seq_len, d_v * d) residual states; see `DDLModelOutputWithPast`.
     """
 
     residual_states: tuple[torch.FloatTensor, ...] | None = None
