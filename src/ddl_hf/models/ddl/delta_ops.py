@@ -505,12 +505,12 @@ def token_compress_reference(
     return channel_compress_reference(filtered.unflatten(-1, (d, d_v)), read_weight)
 
 
-def _folded_conv(x: torch.Tensor, folded: torch.Tensor, padding: int) -> torch.Tensor:
-    """(B, T_in, d_v * d) value major, (d, d_v, K) -> (B, T_in + padding - K + 1, d): the state read as a
+def _folded_conv(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
+    """(B, T_in, d_v * d) value major, taps (K, d_v, d) -> (B, T_in + padding - K + 1, d): the state read as a
     channels-last (B, d, T_in, d_v) image (exactly its memory) by one depthwise (K, d_v) convolution."""
-    d, d_v, _ = folded.shape
+    d_v, d = taps.shape[1:]
     image = x.unflatten(-1, (d_v, d)).permute(0, 3, 1, 2)  # (B, d, T_in, d_v), strides of (B, T_in, d_v, d)
-    filters = folded.transpose(1, 2).unsqueeze(1)  # (d, 1, K, d_v)
+    filters = taps.permute(2, 0, 1).unsqueeze(1)  # (d, 1, K, d_v)
     # Padding both ends of the token axis (not a padded copy of the state); the right end's outputs are dropped.
     out = F.conv2d(image, filters, padding=(padding, 0), groups=d).squeeze(-1)  # (B, d, T')
     out = out[..., : out.shape[-1] - padding] if padding else out
@@ -518,30 +518,30 @@ def _folded_conv(x: torch.Tensor, folded: torch.Tensor, padding: int) -> torch.T
 
 
 class _TokenCompress(torch.autograd.Function):
-    """out[b, t, i] = sum_{j, k} F[i, j, k] X[b, t + k - padding, j, i] on the value-major state x
-    (B, T_in, d_v * d) and the folded filters F (d, d_v, K); tokens before the start are 0.
+    """out[b, t, i] = sum_{j, k} F[k, j, i] X[b, t + k - padding, j, i] on the value-major state x
+    (B, T_in, d_v * d) and the folded filters, value major too: taps F (K, d_v, d); tokens before the
+    start are 0.
 
     Forward is the convolution of `_folded_conv`. Backward is written as K shifted products along d
-    (dL/dX[b, s, j, i] = sum_k F[i, j, k] g[b, s + padding - k, i], and dL/dF[i, j, k] the matching sums
+    (dL/dX[b, s, j, i] = sum_k F[k, j, i] g[b, s + padding - k, i], and dL/dF[k, j, i] the matching sums
     over b and t), not as the convolution's backward: its value-major result needs no layout change,
     and inductor, which gives a convolution's backward channels-first copies of the state, fuses these.
     """
 
     @staticmethod
-    def forward(ctx, x, folded, padding: int):
+    def forward(ctx, x, taps, padding: int):
         ctx.padding = padding
-        ctx.save_for_backward(x, folded)
-        return _folded_conv(x, folded, padding)
+        ctx.save_for_backward(x, taps)
+        return _folded_conv(x, taps, padding)
 
     @staticmethod
     def backward(ctx, grad_out):
         _refuse_double_backward("token_compress")
-        x, folded = ctx.saved_tensors
-        padding, (d, d_v, kernel) = ctx.padding, folded.shape
+        x, taps = ctx.saved_tensors
+        padding, (kernel, d_v, d) = ctx.padding, taps.shape
         batch, tokens_in, out_tokens = x.shape[0], x.shape[1], grad_out.shape[1]
         state = x.view(batch, tokens_in, d_v, d)
-        taps = folded.permute(2, 1, 0)  # (K, d_v, d): tap k of F as a value-major (d_v, d) block
-        grad_x = grad_folded = None
+        grad_x = grad_taps = None
         if ctx.needs_input_grad[0]:
             # Output token t reads input token t + k - padding with tap k: input s gets g[s + padding - k].
             padded = F.pad(grad_out, (0, 0, kernel - 1, kernel - 1)).unsqueeze(2)  # (B, T' + 2K - 2, 1, d)
@@ -556,8 +556,8 @@ class _TokenCompress(torch.autograd.Function):
                 first = max(0, padding - k)  # the first output token whose tap k reads a real input token
                 window = state[:, first + k - padding : out_tokens + k - padding]
                 grads.append((window * grad_out[:, first:].unsqueeze(2)).sum((0, 1)))  # (d_v, d)
-            grad_folded = torch.stack(grads, -1).transpose(0, 1).contiguous()  # (d, d_v, K)
-        return grad_x, grad_folded, None
+            grad_taps = torch.stack(grads)  # (K, d_v, d)
+        return grad_x, grad_taps, None
 
 
 def token_compress(
@@ -575,7 +575,7 @@ def token_compress(
     Returns:
         (B, T_in + padding - K + 1, d): `x_in[i] = sum_j W[i, j] (f_ij * X[:, i, j])`.
 
-    The fast path folds the read into the filters, F[i, j, k] = W[i, j] f_ij[k]: one depthwise
+    The fast path folds the read into the filters, F[k, j, i] = W[i, j] f_ij[k]: one depthwise
     convolution with (K, d_v) kernels reads the state once and writes only (B, T, d)
     (`_TokenCompress`); the few tokens of a decoding step take one product of their windows.
     """
@@ -583,15 +583,16 @@ def token_compress(
         return token_compress_reference(x, conv_weight, read_weight, padding)
     d, d_v = read_weight.shape
     kernel = conv_weight.shape[-1]
-    folded = conv_weight.view(d, d_v, kernel) * read_weight.unsqueeze(-1)  # (d, d_v, K)
+    # F[k, j, i] = W[i, j] f_ij[k], value major like the state: the backward's passes then run along d throughout.
+    taps = (conv_weight.view(d, d_v, kernel) * read_weight.unsqueeze(-1)).permute(2, 1, 0).contiguous()
     batch, tokens = x.shape[:2]
     if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
         x = F.pad(x, (0, 0, padding, 0)) if padding else x
         windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
-        return torch.einsum("btjik,ijk->bti", windows, folded)
-    if _needs_autograd(x, folded):
-        return _TokenCompress.apply(x.contiguous(), folded, padding)
-    return _folded_conv(x, folded, padding)
+        return torch.einsum("btjik,kji->bti", windows, taps)
+    if _needs_autograd(x, taps):
+        return _TokenCompress.apply(x.contiguous(), taps, padding)
+    return _folded_conv(x, taps, padding)
 
 
 __all__ = [
