@@ -612,3 +612,18 @@ def test_inductor_compiled_fused_ops_match_the_eager_references_forward_and_ever
         assert grad.dtype == inputs[index].dtype
         tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(reference)
         torch.testing.assert_close(grad.float(), reference.float(), **tolerance, msg=f"gradient of input {index}")
+
+
+def test_token_compress_operators_pass_torch_library_opcheck():
+    """The token compressor's custom operators (what the compiler calls whole): schema, fake (meta) shapes,
+    autograd registration and the backward against the forward, as `torch.library.opcheck` checks them."""
+    from ddl_hf.models.ddl import delta_ops
+
+    generator = torch.Generator().manual_seed(5)
+    d, d_v, kernel = 6, 3, 4
+    for padding in (0, kernel - 1):
+        x = torch.randn(2, 11, d_v * d, generator=generator, requires_grad=True)
+        taps = torch.randn(kernel, d_v, d, generator=generator, requires_grad=True)
+        torch.library.opcheck(delta_ops._token_compress_op, (x, taps, padding))
+        grad_out = torch.randn(2, 11 + padding - kernel + 1, d, generator=generator)
+        torch.library.opcheck(delta_ops._token_compress_backward_op, (x.detach(), taps.detach(), grad_out, padding))

@@ -122,3 +122,27 @@ def test_reload_without_remote_code_uses_the_package_and_is_bit_exact(variant, s
         assert torch.equal(model(inputs["ids"]).logits, expected[variant]["logits"])
     generated = model.generate(inputs["prompt"], max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(generated, expected[variant]["generated"])
+
+
+def test_remote_code_beside_the_package_in_one_process_trains_through_its_own_operators(saved_variants):
+    """The saved modeling files, imported as remote code next to the installed package, register their own
+    token-compressor operators (named after their module) and train exactly like the package's model."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    root, inputs, expected = saved_variants
+    remote_class = get_class_from_dynamic_module("modeling_ddl.DDLForCausalLM", str(root / "ddl-tc"))
+    assert remote_class.__module__.startswith("transformers_modules.")
+    remote = remote_class.from_pretrained(root / "ddl-tc")
+    package = expected["ddl-tc"]["model"]
+    ids = inputs["ids"]
+    losses = [model(ids, labels=ids).loss for model in (package, remote)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    remote_grads = dict(remote.named_parameters())
+    for name, parameter in package.named_parameters():
+        assert torch.equal(parameter.grad, remote_grads[name].grad), name
+    operator_namespaces = [name for name in dir(torch.ops) if name.startswith("ddl_hf_ops_")]
+    assert "ddl_hf_ops_ddl_hf_models_ddl_delta_ops" in operator_namespaces
+    assert any("transformers_modules" in name for name in operator_namespaces)
+    package.zero_grad(set_to_none=True)

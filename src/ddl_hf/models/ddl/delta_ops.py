@@ -517,47 +517,80 @@ def _folded_conv(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Ten
     return out.transpose(1, 2)
 
 
-class _TokenCompress(torch.autograd.Function):
-    """out[b, t, i] = sum_{j, k} F[k, j, i] X[b, t + k - padding, j, i] on the value-major state x
-    (B, T_in, d_v * d) and the folded filters, value major too: taps F (K, d_v, d); tokens before the
-    start are 0.
+def _token_compress_backward(
+    x: torch.Tensor, taps: torch.Tensor, grad_out: torch.Tensor, padding: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `_folded_conv(x, taps, padding)` for x (B, T_in, d_v * d) and taps (K, d_v, d), given
+    grad_out (B, T', d): out[b, t, i] = sum_{j, k} F[k, j, i] X[b, t + k - padding, j, i] gives
 
-    Forward is the convolution of `_folded_conv`. Backward is written as K shifted products along d
-    (dL/dX[b, s, j, i] = sum_k F[k, j, i] g[b, s + padding - k, i], and dL/dF[k, j, i] the matching sums
-    over b and t), not as the convolution's backward: its value-major result needs no layout change,
-    and inductor, which gives a convolution's backward channels-first copies of the state, fuses these.
-    """
+        dL/dX[b, s, j, i] = sum_k F[k, j, i] g[b, s + padding - k, i]
+        dL/dF[k, j, i]    = sum_{b, t} g[b, t, i] X[b, t + k - padding, j, i]
 
-    @staticmethod
-    def forward(ctx, x, taps, padding: int):
-        ctx.padding = padding
-        ctx.save_for_backward(x, taps)
-        return _folded_conv(x, taps, padding)
+    as K shifted products along d, each state-sized result value major (no layout change), instead of
+    the convolution's backward (which, under inductor, gets channels-first copies of the state)."""
+    (kernel, d_v, d), batch, tokens_in, out_tokens = taps.shape, x.shape[0], x.shape[1], grad_out.shape[1]
+    state = x.view(batch, tokens_in, d_v, d)
+    # Output token t reads input token t + k - padding with tap k: input s gets g[s + padding - k].
+    padded = F.pad(grad_out, (0, 0, kernel - 1, kernel - 1)).unsqueeze(2)  # (B, T' + 2K - 2, 1, d)
+    grad_x = torch.zeros_like(state)  # (B, T_in, d_v, d), value major
+    grads = []
+    for k in range(kernel):
+        start = padding + kernel - 1 - k
+        grad_x.addcmul_(padded[:, start : start + tokens_in], taps[k])
+        first = max(0, padding - k)  # the first output token whose tap k reads a real input token
+        window = state[:, first + k - padding : out_tokens + k - padding]
+        grads.append((window * grad_out[:, first:].unsqueeze(2)).sum((0, 1)))  # (d_v, d)
+    return grad_x.view_as(x), torch.stack(grads)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        _refuse_double_backward("token_compress")
-        x, taps = ctx.saved_tensors
-        padding, (kernel, d_v, d) = ctx.padding, taps.shape
-        batch, tokens_in, out_tokens = x.shape[0], x.shape[1], grad_out.shape[1]
-        state = x.view(batch, tokens_in, d_v, d)
-        grad_x = grad_taps = None
-        if ctx.needs_input_grad[0]:
-            # Output token t reads input token t + k - padding with tap k: input s gets g[s + padding - k].
-            padded = F.pad(grad_out, (0, 0, kernel - 1, kernel - 1)).unsqueeze(2)  # (B, T' + 2K - 2, 1, d)
-            grad_x = torch.zeros_like(state)  # (B, T_in, d_v, d), value major
-            for k in range(kernel):
-                start = padding + kernel - 1 - k
-                grad_x.addcmul_(padded[:, start : start + tokens_in], taps[k])
-            grad_x = grad_x.view_as(x)
-        if ctx.needs_input_grad[1]:
-            grads = []
-            for k in range(kernel):
-                first = max(0, padding - k)  # the first output token whose tap k reads a real input token
-                window = state[:, first + k - padding : out_tokens + k - padding]
-                grads.append((window * grad_out[:, first:].unsqueeze(2)).sum((0, 1)))  # (d_v, d)
-            grad_taps = torch.stack(grads)  # (K, d_v, d)
-        return grad_x, grad_taps, None
+
+# The token compressor under autograd is a pair of custom operators (forward, backward): the compiler
+# calls them whole, as it calls a convolution, instead of tracing into them. Traced, inductor recomputed the
+# folded filters inside the backward's loops and fused the filter reductions with the pass that writes the
+# state's gradient, which made TC training 5 to 8% slower compiled (mini, fp32, this CPU). The namespace
+# follows the module's name, so that this file loaded as remote code beside the installed package registers
+# its own operators.
+_OPS_NAMESPACE = "ddl_hf_ops_" + "".join(c if c.isalnum() else "_" for c in __name__)
+
+
+@torch.library.custom_op(f"{_OPS_NAMESPACE}::token_compress", mutates_args=())
+def _token_compress_op(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
+    """`_folded_conv` as an operator: x (B, T_in, d_v * d) contiguous, taps (K, d_v, d) -> (B, T', d) contiguous."""
+    return _folded_conv(x, taps, padding).contiguous()
+
+
+@_token_compress_op.register_fake
+def _(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], x.shape[1] + padding - taps.shape[0] + 1, taps.shape[-1])
+
+
+@torch.library.custom_op(f"{_OPS_NAMESPACE}::token_compress_backward", mutates_args=())
+def _token_compress_backward_op(
+    x: torch.Tensor, taps: torch.Tensor, grad_out: torch.Tensor, padding: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_token_compress_backward` as an operator (contiguous results)."""
+    grad_x, grad_taps = _token_compress_backward(x, taps, grad_out, padding)
+    return grad_x.contiguous(), grad_taps.contiguous()
+
+
+@_token_compress_backward_op.register_fake
+def _(x: torch.Tensor, taps: torch.Tensor, grad_out: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(taps)
+
+
+def _token_compress_setup(ctx, inputs, output) -> None:
+    x, taps, padding = inputs
+    ctx.padding = padding
+    ctx.save_for_backward(x, taps)
+
+
+def _token_compress_grad(ctx, grad_out):
+    _refuse_double_backward("token_compress")
+    x, taps = ctx.saved_tensors
+    grad_x, grad_taps = _token_compress_backward_op(x, taps, grad_out.contiguous(), ctx.padding)
+    return grad_x, grad_taps, None
+
+
+_token_compress_op.register_autograd(_token_compress_grad, setup_context=_token_compress_setup)
 
 
 def token_compress(
@@ -577,7 +610,7 @@ def token_compress(
 
     The fast path folds the read into the filters, F[k, j, i] = W[i, j] f_ij[k]: one depthwise
     convolution with (K, d_v) kernels reads the state once and writes only (B, T, d)
-    (`_TokenCompress`); the few tokens of a decoding step take one product of their windows.
+    (`_token_compress_op`); the few tokens of a decoding step take one product of their windows.
     """
     if not _fast(use_fast_path):
         return token_compress_reference(x, conv_weight, read_weight, padding)
@@ -591,7 +624,7 @@ def token_compress(
         windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
         return torch.einsum("btjik,kji->bti", windows, taps)
     if _needs_autograd(x, taps):
-        return _TokenCompress.apply(x.contiguous(), taps, padding)
+        return _token_compress_op(x.contiguous(), taps, padding)
     return _folded_conv(x, taps, padding)
 
 
