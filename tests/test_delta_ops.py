@@ -33,6 +33,8 @@ from ddl_hf.models.ddl.delta_ops import (
     token_compress_reference,
     token_conv,
     token_conv_reference,
+    token_read_after_write,
+    token_read_after_write_reference,
     unit_direction,
 )
 
@@ -400,18 +402,66 @@ def test_token_compress_reads_channel_j_times_d_plus_i_as_feature_i_value_j():
             torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 40], ids=["decode-step", "few-tokens", "convolution"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_token_read_after_write_matches_reference(tokens, dtype):
+    """The token compressor's read of a rank-1 write h w^T from h and w alone, against compressing the
+    materialized write: forward and every gradient, every padding."""
+    generator = torch.Generator().manual_seed(3)
+    d, d_v, kernel = 12, 4, 4
+    for padding in range(kernel):
+        tokens_in = tokens + kernel - 1 - padding
+        inputs = [
+            torch.randn(2, tokens, d, generator=generator).to(dtype),  # read
+            torch.randn(2, tokens_in, d, generator=generator).to(dtype),  # h
+            torch.randn(2, tokens_in, d_v, generator=generator),  # w, fp32 as the Delta update returns it
+            (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(dtype),
+            torch.randn(d, d_v, generator=generator).to(dtype),
+        ]
+        inputs = [tensor.requires_grad_() for tensor in inputs]
+        weights = torch.randn(2, tokens, d, generator=generator)
+        fast, fast_grads = value_and_grads(lambda *a, p=padding: token_read_after_write(*a, p), inputs, weights)
+        ref, ref_grads = value_and_grads(
+            lambda *a, p=padding: token_read_after_write_reference(*a, p), inputs, weights
+        )
+        assert fast.shape == ref.shape == (2, tokens, d) and fast.dtype == dtype
+        assert [grad.dtype for grad in fast_grads] == [tensor.dtype for tensor in inputs]
+        tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(ref)
+        torch.testing.assert_close(fast, ref, **tolerance)
+        for name, got, expected in zip(("read", "h", "w", "filters", "read weight"), fast_grads, ref_grads):
+            tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
+            torch.testing.assert_close(got, expected, **tolerance, msg=f"gradient of {name}, padding {padding}")
+
+
+@pytest.mark.parametrize("kind", ["channel", "token"])
 @pytest.mark.parametrize("form", ["factored", "free"])
-def test_read_after_write_equals_reading_the_new_state(form):
-    compressor = StateCompressor(16, 4, kind="channel", form=form)
+def test_read_after_write_equals_reading_the_new_state(kind, form):
+    """`read_after_write` from the read of X gives the read of X + h w^T, with and without a padding mask (a
+    masked token's state reads as zero, so its write must vanish too), forward and every gradient."""
+    compressor = StateCompressor(16, 4, kind=kind, form=form)
     with torch.no_grad():
         for parameter in compressor.parameters():
             parameter.normal_()
-    state = torch.randn(2, 5, 64)
-    h, write = torch.randn(2, 5, 16), torch.randn(2, 5, 4)
+    state = torch.randn(2, 7, 64, requires_grad=True)
+    h, write = torch.randn(2, 7, 16, requires_grad=True), torch.randn(2, 7, 4, requires_grad=True)
     new_state = flat_state(state_matrix(state, 16, 4) + h.unsqueeze(-1) * write.unsqueeze(-2))
-    torch.testing.assert_close(compressor.read_after_write(compressor(state), h, write), compressor(new_state), **FP32)
-    with pytest.raises(ValueError, match="kind='channel'"):
-        StateCompressor(16, 4, kind="token").read_after_write(compressor(state), h, write)
+    left_padded = torch.tensor([[False, False] + [True] * 5, [True] * 7])
+    inputs = [state, h, write, *compressor.parameters()]
+    for padding_mask in (None, left_padded):
+        expected = compressor(new_state, padding_mask=padding_mask)
+        read = compressor(state, padding_mask=padding_mask)
+        got = compressor.read_after_write(read, h, write, new_state, padding_mask=padding_mask)
+        torch.testing.assert_close(got, expected, **FP32)
+        weights = torch.randn(2, 7, 16)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), inputs, retain_graph=True)
+        got_grads = torch.autograd.grad((got * weights).sum(), inputs, retain_graph=True)
+        for got_grad, expected_grad in zip(got_grads, expected_grads):
+            torch.testing.assert_close(got_grad, expected_grad, **FP32)
+    if kind == "token":
+        with pytest.raises(ValueError, match="kind='token' needs `new_state`"):
+            compressor.read_after_write(read, h, write)
+    else:
+        torch.testing.assert_close(compressor.read_after_write(read, h, write), expected, **FP32)
 
 
 @pytest.mark.parametrize("value_channels", [1, 4])
@@ -573,14 +623,16 @@ def test_factored_channel_read_is_a_same_padded_conv_along_the_values_then_a_sha
 
 def _every_fused_op(state, h, beta, v, read_weight, filters, embed_filters, embeddings):
     """One chain through every fused op, as a block and its neighbours run them: EC token convolution, the rewrite
-    (keeping its input, then its output), the channel read and the read after a write, the token compressor."""
+    (keeping its input, then its output), the channel read and the read after a write, the token compressor and its
+    read after a write."""
     batch, tokens, d, d_v = state.shape
     expanded = token_conv(embeddings, embed_filters, padding=embed_filters.shape[-1] - 1)  # (B, T, d * d_v)
     state = state + expanded.unflatten(-1, (d, d_v))
     new_state, write = delta_update(state, h, beta, v, EPS, return_write=True)
     read = channel_read_after_write(channel_compress(state, read_weight), h, write, read_weight)
-    newer = delta_update(new_state, h, beta, v, EPS, save_output=True)
+    newer, newer_write = delta_update(new_state, h, beta, v, EPS, return_write=True, save_output=True)
     filtered = token_compress(flat_state(newer), filters, read_weight, padding=filters.shape[-1] - 1)
+    filtered = token_read_after_write(filtered, h, newer_write, filters, read_weight, padding=filters.shape[-1] - 1)
     return flat_state(newer).float().sum(-1) + read.float().sum(-1) + filtered.float().sum(-1)
 
 

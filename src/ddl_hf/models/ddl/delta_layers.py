@@ -28,6 +28,7 @@ from .delta_ops import (
     channel_read_after_write,
     delta_update,
     token_compress,
+    token_compress_after_write,
     token_conv,
     upcast,
 )
@@ -226,17 +227,16 @@ class DeltaShortcut(nn.Module):
         state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The new state and `compressor`'s read of it, for the next sublayer. (..., d_v * d), (..., d).
+        """The new state and `compressor`'s read of it, for the next sublayer. (B, T, d_v * d), (B, T, d).
 
-        `block_input` is `compressor`'s read of `state`. A channel compressor is linear per token, so
-        its read of the new state X + h w^T is `block_input + h (W w)`: one pass over the (d, d_v)
-        state fewer, and the new state need not be kept for backward.
+        `block_input` is `compressor`'s read of `state`. The compressor is linear in the state, so its
+        read of the new state X + h w^T is `block_input` plus its read of the write
+        (`StateCompressor.read_after_write`): one pass over the (d, d_v) state fewer, and the new
+        state need not be kept for backward.
         """
-        if compressor.kind != "channel":
-            new_state = self(state, h, context, block_input)
-            return new_state, compressor(new_state, cache, state_idx, padding_mask)
         new_state, write = self(state, h, context, block_input, return_write=True)
-        return new_state, compressor.read_after_write(block_input, h, write, new_state)
+        read = compressor.read_after_write(block_input, h, write, new_state, cache, state_idx, padding_mask)
+        return new_state, read
 
     def extra_repr(self) -> str:
         return (
@@ -274,29 +274,43 @@ def causal_depthwise_conv(
     Returns:
         (B, T, C_out), or (B, T, d) with `read_weight`.
     """
-    if padding_mask is not None:
-        x = x.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
-    num_tokens, context = x.shape[1], weight.shape[-1] - 1
-    padding = context
-    if context > 0 and cache is not None:
-        layer = cache.layers[layer_idx]
-        if not isinstance(layer, LinearAttentionCacheLayerMixin):
-            raise ValueError(
-                "This DDL model keeps convolution states in its cache; pass a cache built with "
-                "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
-            )
-        decoding = layer.has_previous_state[state_idx]
-        # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns
-        # them followed by x.
-        full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=state_idx, conv_kernel_size=context)
-        if decoding:
-            # While the cache records its past for a later `crop` (assisted decoding), a prompt shorter than K-1
-            # tokens leaves a shorter window: the missing inputs lie before the sequence start, where they are 0.
-            window = full[..., -(num_tokens + context) :]
-            x, padding = F.pad(window, (num_tokens + context - window.shape[-1], 0)).transpose(1, 2), 0
+    x, padding = _conv_inputs(x, weight.shape[-1], cache, layer_idx, state_idx, padding_mask)
     if read_weight is not None:
         return token_compress(x, weight, read_weight, padding, use_fast_path=use_fast_path)
     return token_conv(x, weight, padding, use_fast_path=use_fast_path)
+
+
+def _conv_inputs(
+    x: torch.Tensor,
+    kernel_size: int,
+    cache: Cache | None,
+    layer_idx: int,
+    state_idx: int,
+    padding_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, int]:
+    """What a causal convolution of `kernel_size` taps over x (B, T, C) reads (see `causal_depthwise_conv`):
+    the masked x and `padding = K - 1` zero tokens before it, or, when the cache holds earlier inputs
+    (decoding), those K - 1 inputs followed by x, and `padding = 0`. Prefill stores x's last inputs."""
+    if padding_mask is not None:
+        x = x.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+    num_tokens, context = x.shape[1], kernel_size - 1
+    if context == 0 or cache is None:
+        return x, context
+    layer = cache.layers[layer_idx]
+    if not isinstance(layer, LinearAttentionCacheLayerMixin):
+        raise ValueError(
+            "This DDL model keeps convolution states in its cache; pass a cache built with "
+            "`DynamicCache(config=model.config)` (or let the model or `generate` build it)"
+        )
+    decoding = layer.has_previous_state[state_idx]
+    # The cache holds (B, C, T) tensors: prefill stores the last K-1 inputs, decoding returns them followed by x.
+    full = cache.update_conv_state(x.transpose(1, 2), layer_idx, state_idx=state_idx, conv_kernel_size=context)
+    if not decoding:
+        return x, context
+    # While the cache records its past for a later `crop` (assisted decoding), a prompt shorter than K-1 tokens
+    # leaves a shorter window: the missing inputs lie before the sequence start, where they are 0.
+    window = full[..., -(num_tokens + context) :]
+    return F.pad(window, (num_tokens + context - window.shape[-1], 0)).transpose(1, 2), 0
 
 
 def _identity_causal_filter(weight: torch.Tensor) -> None:
@@ -456,22 +470,43 @@ class StateCompressor(_StateModule):
         return channel_compress(matrix, self.read_matrix(), use_fast_path=self.use_fast_path)
 
     def read_after_write(
-        self, read: torch.Tensor, h: torch.Tensor, write: torch.Tensor, new_state: torch.Tensor | None = None
+        self,
+        read: torch.Tensor,
+        h: torch.Tensor,
+        write: torch.Tensor,
+        new_state: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        state_idx: int = 0,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The channel compressor's read of `state + h write^T` from its read of `state`.
+        """The compressor's read of `state + h write^T` from its read of `state` (`self(state, ...)`).
 
-        `sum_j W[i, j] (X[i, j] + h[i] w[j]) = read[i] + h[i] (W w)[i]`: `read` (..., d), `h` (..., d),
-        `write` (..., d_v) -> (..., d), in `read.dtype`; the fast path does not touch the new state.
-        Given `new_state` (..., d_v * d), the reference path reads it instead (the plain definition).
-        Only the channel compressor is linear per token.
+        Both compressors are linear in the state, so the read of the new state is `read` plus the read of
+        the write: for CC `read[i] + h[i] (W w)[i]`, for TC the token convolution of h w^T
+        (`delta_ops.token_read_after_write`). `read` (B, T, d), `h` (B, T, d), `write` (B, T, d_v) ->
+        (B, T, d), in `read.dtype`; the fast path neither reads the new state nor keeps it for backward.
+
+        `new_state` (B, T, d_v * d) is what the reference path reads (the plain definition). A token
+        compressor needs it: it stores its last inputs in `cache` (conv state `state_idx`), and while
+        decoding (the cache holds earlier inputs) it reads the new state with them.
         """
-        if self.conv_weight is not None:
-            raise ValueError("StateCompressor.read_after_write needs kind='channel'; the token compressor mixes tokens")
+        if self.conv_weight is None:
+            if new_state is None:
+                return channel_read_after_write(read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path)
+            matrix = state_matrix(new_state, self.hidden_size, self.value_channels)
+            return channel_compress_after_write(
+                matrix, read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path
+            )
         if new_state is None:
-            return channel_read_after_write(read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path)
-        matrix = state_matrix(new_state, self.hidden_size, self.value_channels)
-        return channel_compress_after_write(
-            matrix, read, h, write, self.read_matrix(), use_fast_path=self.use_fast_path
+            raise ValueError("StateCompressor.read_after_write with kind='token' needs `new_state`")
+        kernel_size = self.conv_weight.shape[-1]
+        x, padding = _conv_inputs(new_state, kernel_size, cache, self.cache_layer_idx, state_idx, padding_mask)
+        if padding < kernel_size - 1:  # decoding: the window starts with earlier tokens' inputs
+            return token_compress(x, self.conv_weight, self.read_matrix(), padding, use_fast_path=self.use_fast_path)
+        if padding_mask is not None:  # masked tokens write nothing, as their state reads as zero
+            write = write.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
+        return token_compress_after_write(
+            x, read, h, write, self.conv_weight, self.read_matrix(), padding, use_fast_path=self.use_fast_path
         )
 
 

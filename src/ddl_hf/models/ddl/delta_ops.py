@@ -593,6 +593,13 @@ def _token_compress_grad(ctx, grad_out):
 _token_compress_op.register_autograd(_token_compress_grad, setup_context=_token_compress_setup)
 
 
+def _folded_taps(conv_weight: torch.Tensor, read_weight: torch.Tensor) -> torch.Tensor:
+    """The filters and the read folded into taps F (K, d_v, d), F[k, j, i] = W[i, j] f_ij[k]: value major like the
+    state, so that every pass over them runs along d."""
+    (d, d_v), kernel = read_weight.shape, conv_weight.shape[-1]
+    return (conv_weight.view(d, d_v, kernel) * read_weight.unsqueeze(-1)).permute(2, 1, 0).contiguous()
+
+
 def token_compress(
     x: torch.Tensor, conv_weight: torch.Tensor, read_weight: torch.Tensor, padding: int = 0, use_fast_path: bool = True
 ) -> torch.Tensor:
@@ -614,10 +621,8 @@ def token_compress(
     """
     if not _fast(use_fast_path):
         return token_compress_reference(x, conv_weight, read_weight, padding)
-    d, d_v = read_weight.shape
-    kernel = conv_weight.shape[-1]
-    # F[k, j, i] = W[i, j] f_ij[k], value major like the state: the backward's passes then run along d throughout.
-    taps = (conv_weight.view(d, d_v, kernel) * read_weight.unsqueeze(-1)).permute(2, 1, 0).contiguous()
+    taps = _folded_taps(conv_weight, read_weight)
+    (d, d_v), kernel = read_weight.shape, taps.shape[0]
     batch, tokens = x.shape[:2]
     if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
         x = F.pad(x, (0, 0, padding, 0)) if padding else x
@@ -626,6 +631,138 @@ def token_compress(
     if _needs_autograd(x, taps):
         return _token_compress_op(x.contiguous(), taps, padding)
     return _folded_conv(x, taps, padding)
+
+
+# --------------------------------------------------------------------------- the token compressor after a write
+def token_read_after_write_reference(
+    read: torch.Tensor,
+    h: torch.Tensor,
+    write: torch.Tensor,
+    conv_weight: torch.Tensor,
+    read_weight: torch.Tensor,
+    padding: int = 0,
+) -> torch.Tensor:
+    """Plain reference of `token_read_after_write`: the token compressor of the materialized write h w^T, added
+    to `read`, in fp32, returned in `read.dtype`."""
+    written = (upcast(write).unsqueeze(-1) * upcast(h).unsqueeze(-2)).flatten(-2)  # (B, T, d_v * d), value major
+    update = token_compress_reference(written, upcast(conv_weight), upcast(read_weight), padding)
+    return (upcast(read) + update).to(read.dtype)
+
+
+def _shifted_windows(kernel: int, padding: int, out_tokens: int) -> Iterator[tuple[int, slice, slice]]:
+    """(k, outputs, inputs) for each tap k of a causal convolution with `padding` zero tokens before its input:
+    output token t reads input token t + k - padding, for the outputs whose input is a real token."""
+    for k in range(kernel):
+        first = max(0, padding - k)
+        if first < out_tokens:
+            start = first + k - padding
+            yield k, slice(first, out_tokens), slice(start, start + out_tokens - first)
+
+
+def _write_taps(write: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """u[b, s, k, i] = sum_j F[k, j, i] w[b, s, j]: (B, T, d_v), (K, d_v, d) -> (B, T, K, d), one product."""
+    kernel, d_v, d = taps.shape
+    return (write @ taps.transpose(0, 1).reshape(d_v, kernel * d)).unflatten(-1, (kernel, d))
+
+
+def _token_write_read(h: torch.Tensor, write: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
+    """The folded convolution of the write h w^T without materializing it: (B, T_in, d), (B, T_in, d_v), taps
+    (K, d_v, d) -> (B, T_in + padding - K + 1, d), out[t, i] = sum_k h[s, i] u[s, k, i] with s = t + k - padding."""
+    kernel, out_tokens = taps.shape[0], h.shape[1] + padding - taps.shape[0] + 1
+    per_tap = _write_taps(write, taps)
+    out = h.new_zeros(h.shape[0], out_tokens, h.shape[-1])
+    for k, outputs, inputs in _shifted_windows(kernel, padding, out_tokens):
+        out[:, outputs].addcmul_(h[:, inputs], per_tap[:, inputs, k])
+    return out
+
+
+class _TokenReadAfterWrite(torch.autograd.Function):
+    """read + the folded convolution of h w^T, on fp32 read (B, T', d), h (B, T_in, d), w (B, T_in, d_v) and taps
+    F (K, d_v, d). With g = dL/dout and u as in `_write_taps`, dy[s, k] = g[s + padding - k] gives
+
+        dL/dh = sum_k dy[:, k] u[:, k],   du = dy h,   dL/dw = du F^T,   dL/dF = w^T du
+
+    Keeps h, w and F (h is what the Delta update keeps anyway); u (K times the size of h) is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, read, h, write, taps, padding: int):
+        ctx.padding = padding
+        ctx.save_for_backward(h, write, taps)
+        return read + _token_write_read(h, write, taps, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _refuse_double_backward("token_read_after_write")
+        h, write, taps = ctx.saved_tensors
+        (kernel, d_v, d), out_tokens = taps.shape, grad_out.shape[1]
+        per_tap = _write_taps(write, taps)
+        grad_h = torch.zeros_like(h)
+        grad_per_tap = torch.zeros_like(per_tap)
+        for k, outputs, inputs in _shifted_windows(kernel, padding=ctx.padding, out_tokens=out_tokens):
+            grad_h[:, inputs].addcmul_(grad_out[:, outputs], per_tap[:, inputs, k])
+            grad_per_tap[:, inputs, k] = grad_out[:, outputs] * h[:, inputs]
+        grad_per_tap = grad_per_tap.flatten(-2)  # (B, T_in, K * d)
+        flat_taps = taps.transpose(0, 1).reshape(d_v, kernel * d)
+        grad_write = grad_per_tap @ flat_taps.t()
+        grad_taps = (write.flatten(0, 1).t() @ grad_per_tap.flatten(0, 1)).view(d_v, kernel, d).transpose(0, 1)
+        return grad_out, grad_h, grad_write, grad_taps, None
+
+
+def token_read_after_write(
+    read: torch.Tensor,
+    h: torch.Tensor,
+    write: torch.Tensor,
+    conv_weight: torch.Tensor,
+    read_weight: torch.Tensor,
+    padding: int = 0,
+    use_fast_path: bool = True,
+) -> torch.Tensor:
+    """The token compressor's read of X + h w^T from its read of X, without X.
+
+    The compressor is linear in the state, so its read of the new state is `read` plus its read of the
+    write h w^T: `out[t, i] = read[t, i] + sum_k h[s, i] sum_j F[k, j, i] w[s, j]` (s = t + k - padding,
+    F the folded taps of `token_compress`), a pass over width-d tensors instead of over the state, which
+    also need not be kept for backward.
+
+    Args:
+        read: (B, T', d) the compressor's read of X (`token_compress` with the same padding).
+        h: (B, T_in, d) the written direction (the sublayer output).
+        write: (B, T_in, d_v) the write w of `delta_update(..., return_write=True)`.
+        conv_weight, read_weight, padding: as in `token_compress`.
+
+    Returns:
+        (B, T', d) in `read.dtype`, T' = T_in + padding - K + 1, computed in fp32.
+    """
+    if not _fast(use_fast_path):
+        return token_read_after_write_reference(read, h, write, conv_weight, read_weight, padding)
+    taps = upcast(_folded_taps(conv_weight, read_weight))
+    inputs = (upcast(read), upcast(h), upcast(write), taps)
+    with _full_precision(read):
+        if _needs_autograd(*inputs):
+            return _TokenReadAfterWrite.apply(*inputs, padding).to(read.dtype)
+        return (inputs[0] + _token_write_read(*inputs[1:], padding)).to(read.dtype)
+
+
+def token_compress_after_write(
+    new_state: torch.Tensor,
+    read: torch.Tensor,
+    h: torch.Tensor,
+    write: torch.Tensor,
+    conv_weight: torch.Tensor,
+    read_weight: torch.Tensor,
+    padding: int = 0,
+    use_fast_path: bool = True,
+) -> torch.Tensor:
+    """The token compressor's read of the new state X' = X + h w^T, given its read of X.
+
+    `new_state` X' (B, T_in, d_v * d) value major, the rest as in `token_read_after_write` -> (B, T', d) in
+    `read.dtype`. The reference compresses X' (`token_compress_reference`); the fast path never touches X'
+    (`token_read_after_write`), so nothing keeps X' for backward.
+    """
+    if not _fast(use_fast_path):
+        return token_compress_reference(new_state, conv_weight, read_weight, padding).to(read.dtype)
+    return token_read_after_write(read, h, write, conv_weight, read_weight, padding)
 
 
 __all__ = [
@@ -642,6 +779,9 @@ __all__ = [
     "token_conv",
     "token_compress_reference",
     "token_compress",
+    "token_read_after_write_reference",
+    "token_read_after_write",
+    "token_compress_after_write",
     "fast_paths_enabled",
     "reference_paths",
 ]
