@@ -421,9 +421,7 @@ def test_token_read_after_write_matches_reference(tokens, dtype):
         inputs = [tensor.requires_grad_() for tensor in inputs]
         weights = torch.randn(2, tokens, d, generator=generator)
         fast, fast_grads = value_and_grads(lambda *a, p=padding: token_read_after_write(*a, p), inputs, weights)
-        ref, ref_grads = value_and_grads(
-            lambda *a, p=padding: token_read_after_write_reference(*a, p), inputs, weights
-        )
+        ref, ref_grads = value_and_grads(lambda *a, p=padding: token_read_after_write_reference(*a, p), inputs, weights)
         assert fast.shape == ref.shape == (2, tokens, d) and fast.dtype == dtype
         assert [grad.dtype for grad in fast_grads] == [tensor.dtype for tensor in inputs]
         tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(ref)
