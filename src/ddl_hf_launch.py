@@ -1,4 +1,4 @@
-"""Entry point of the `ddl` command: CPU defaults for OpenMP first, then `ddl_hf.cli`.
+"""Entry point of the `ddl` command: CPU defaults for OpenMP and malloc first, then `ddl_hf.cli`.
 
 PyTorch's CPU kernels run on an OpenMP thread pool (GNU libgomp in the Linux wheels). By default
 a waiting libgomp thread spins for 300,000 iterations (milliseconds) before it sleeps. On a
@@ -26,13 +26,25 @@ The defaults only fill what the user left unset:
   mask, at most the cgroup CPU quota), divided among the processes of a multi-process launch
   (`LOCAL_WORLD_SIZE` and the like), unless `OMP_NUM_THREADS` or `MKL_NUM_THREADS` is set.
 
+- memory: glibc's malloc keeps freed memory for reuse (`MALLOC_MMAP_MAX_=0`,
+  `MALLOC_TRIM_THRESHOLD_=2147483647`, `MEMORY_DEFAULTS`), unless one of `MEMORY_VARIABLES` is set.
+  By default glibc serves each large block (above an adaptive threshold of 128 KiB to 32 MiB) with
+  fresh pages from the kernel and returns them at free, and gives back the top of its heap: a
+  training step's activations and gradients (MiB each) are then faulted in again, page by page,
+  at every step. Keeping them made training steps 10 to 15% faster on this project's CPU (mini
+  preset) and cut the page faults by 6 to 8x; the process's resident memory stays at its peak
+  instead of shrinking between steps. glibc reads these variables when a process starts, so the
+  running process gets the same settings through `mallopt`; other C libraries ignore them.
+
 Child processes (accelerate workers, the memory subprocesses of `ddl bench`) inherit them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import platform
 import sys
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -52,6 +64,20 @@ LOCAL_SIZE_VARIABLES = (
     "OMPI_COMM_WORLD_LOCAL_SIZE",
     "MV2_COMM_WORLD_LOCAL_SIZE",
 )
+# Freed memory stays in malloc's heap: no blocks of their own from the kernel (mmap), no trimming of the heap top
+# (below 2 GiB, the largest value `mallopt` takes). The measurements are in the module docstring.
+MEMORY_DEFAULTS = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+# Any of these set means "I chose how memory is allocated" (glibc's settings, or another allocator preloaded).
+MEMORY_VARIABLES = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+)
+# glibc's `mallopt` parameters for the variables of MEMORY_DEFAULTS (malloc.h).
+_MALLOPT_PARAMETERS = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_MAX_": -4}
 # Set in the environment once the defaults were applied (inherited by child processes).
 APPLIED_MARKER = "DDL_HF_CPU_DEFAULTS"
 
@@ -135,7 +161,23 @@ def cpu_defaults(environ: Mapping[str, str], cores: int | None = None) -> dict[s
         if count < 1:
             raise ValueError(f"cores must be an integer >= 1, got {count}")
         defaults["OMP_NUM_THREADS"] = str(max(1, count // local_processes(environ)))
+    if not any(_is_set(environ, name) for name in MEMORY_VARIABLES):
+        defaults.update(MEMORY_DEFAULTS)
     return defaults
+
+
+def set_malloc_options(settings: Mapping[str, str]) -> bool:
+    """Give this process the glibc malloc settings among `settings` (`MEMORY_DEFAULTS` names) through
+    `mallopt`, since glibc reads them from the environment only when a process starts. False, doing
+    nothing, without glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    for name, value in settings.items():
+        if name in _MALLOPT_PARAMETERS and mallopt(_MALLOPT_PARAMETERS[name], int(value)) != 1:
+            warnings.warn(f"ddl_hf_launch: glibc's mallopt refused {name}={value}; keeping its default", stacklevel=2)
+    return True
 
 
 def local_processes(environ: Mapping[str, str]) -> int:
@@ -155,8 +197,9 @@ def local_processes(environ: Mapping[str, str]) -> int:
 def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
     """Add `cpu_defaults` to `environ` (default `os.environ`) and return what was added.
 
-    Effective only before torch is imported in this process (libgomp reads the variables when it
-    is loaded); child processes started later inherit them either way."""
+    The OpenMP settings take effect only before torch is imported in this process (libgomp reads
+    them when it is loaded); the malloc settings also reach `os.environ`'s own process at once
+    (`set_malloc_options`). Child processes started later inherit them all either way."""
     if environ is None:
         environ = os.environ
         if "torch" in sys.modules:
@@ -168,6 +211,8 @@ def apply_cpu_defaults(environ: MutableMapping[str, str] | None = None) -> dict[
     added = cpu_defaults(environ)
     environ.update(added)
     environ.setdefault(APPLIED_MARKER, ",".join(sorted(added)) or "none")
+    if environ is os.environ:
+        set_malloc_options(added)
     return added
 
 

@@ -7,6 +7,7 @@ audit hook, the environment at the moment torch is first imported: what libgomp 
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import pytest
 
 import ddl_hf_launch
 from ddl_hf_launch import (
+    MEMORY_DEFAULTS,
+    MEMORY_VARIABLES,
     THREAD_VARIABLES,
     WAIT_DEFAULTS,
     WAIT_VARIABLES,
@@ -26,7 +29,7 @@ from ddl_hf_launch import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-WATCHED = (*WAIT_VARIABLES, *THREAD_VARIABLES, ddl_hf_launch.APPLIED_MARKER)
+WATCHED = (*WAIT_VARIABLES, *THREAD_VARIABLES, *MEMORY_VARIABLES, ddl_hf_launch.APPLIED_MARKER)
 
 RECORDER = """
 import atexit, json, os, sys
@@ -48,43 +51,52 @@ atexit.register(lambda: print("ENVIRONMENT AT TORCH IMPORT " + json.dumps(_at_to
 
 # --------------------------------------------------------------------------- pure functions
 def test_defaults_fill_an_empty_environment():
-    assert cpu_defaults({}, cores=3) == {**WAIT_DEFAULTS, "OMP_NUM_THREADS": "3"}
+    assert cpu_defaults({}, cores=3) == {**WAIT_DEFAULTS, "OMP_NUM_THREADS": "3", **MEMORY_DEFAULTS}
     assert WAIT_DEFAULTS == {"GOMP_SPINCOUNT": "1000"}
+    assert MEMORY_DEFAULTS == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 
 
 @pytest.mark.parametrize("name", WAIT_VARIABLES)
 def test_a_waiting_variable_the_user_set_is_kept(name):
     environment = {name: "PASSIVE" if name == "OMP_WAIT_POLICY" else "7"}
-    assert cpu_defaults(environment, cores=2) == {"OMP_NUM_THREADS": "2"}
+    assert cpu_defaults(environment, cores=2) == {"OMP_NUM_THREADS": "2", **MEMORY_DEFAULTS}
 
 
 def test_kmp_blocktime_is_not_a_choice_for_libgomp():
     # `accelerate launch --cpu` sets KMP_BLOCKTIME=1 (Intel/LLVM OpenMP), which libgomp ignores.
-    assert cpu_defaults({"KMP_BLOCKTIME": "1", "OMP_NUM_THREADS": "2"}) == WAIT_DEFAULTS
+    assert cpu_defaults({"KMP_BLOCKTIME": "1", "OMP_NUM_THREADS": "2"}) == {**WAIT_DEFAULTS, **MEMORY_DEFAULTS}
 
 
 @pytest.mark.parametrize("name", THREAD_VARIABLES)
 def test_a_thread_count_the_user_set_is_kept(name):
-    assert cpu_defaults({name: "5"}, cores=2) == WAIT_DEFAULTS
+    assert cpu_defaults({name: "5"}, cores=2) == {**WAIT_DEFAULTS, **MEMORY_DEFAULTS}
+
+
+@pytest.mark.parametrize("name", MEMORY_VARIABLES)
+def test_a_memory_setting_the_user_chose_is_kept(name):
+    # Any glibc malloc setting, or another allocator preloaded (jemalloc, tcmalloc), leaves malloc alone.
+    assert cpu_defaults({name: "1", "OMP_WAIT_POLICY": "PASSIVE"}, cores=2) == {"OMP_NUM_THREADS": "2"}
 
 
 def test_empty_values_count_as_unset_and_everything_set_adds_nothing():
     assert cpu_defaults({"OMP_WAIT_POLICY": "", "OMP_NUM_THREADS": " "}, cores=1) == {
         **WAIT_DEFAULTS,
         "OMP_NUM_THREADS": "1",
+        **MEMORY_DEFAULTS,
     }
-    assert cpu_defaults({"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "4"}) == {}
+    chosen = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "4", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert cpu_defaults(chosen) == {}
 
 
 def test_apply_adds_the_defaults_and_a_marker_and_keeps_the_rest():
     environment = {"OMP_WAIT_POLICY": "ACTIVE", "PATH": "/bin"}
     added = ddl_hf_launch.apply_cpu_defaults(environment)
-    assert added == {"OMP_NUM_THREADS": str(ddl_hf_launch.usable_cores())}
+    assert added == {"OMP_NUM_THREADS": str(ddl_hf_launch.usable_cores()), **MEMORY_DEFAULTS}
     assert environment == {
         "OMP_WAIT_POLICY": "ACTIVE",
         "PATH": "/bin",
         **added,
-        "DDL_HF_CPU_DEFAULTS": "OMP_NUM_THREADS",
+        "DDL_HF_CPU_DEFAULTS": "MALLOC_MMAP_MAX_,MALLOC_TRIM_THRESHOLD_,OMP_NUM_THREADS",
     }
 
 
@@ -101,6 +113,7 @@ def test_applying_after_torch_was_imported_warns(monkeypatch):
     for name in WATCHED:  # restored after the test
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "0")  # keeps this test process's malloc as it is
     with pytest.warns(UserWarning, match="torch is already imported, so this process keeps the OpenMP settings"):
         added = ddl_hf_launch.apply_cpu_defaults()
     assert added == WAIT_DEFAULTS and os.environ["GOMP_SPINCOUNT"] == WAIT_DEFAULTS["GOMP_SPINCOUNT"]
@@ -202,12 +215,13 @@ def ddl_script() -> str:
 def test_entry_points_set_the_defaults_before_torch(command, recorder):
     command = [ddl_script(), "--help"] if command == "console script" else command
     threads = str(ddl_hf_launch.usable_cores())
-    expected = unset(**WAIT_DEFAULTS, OMP_NUM_THREADS=threads, DDL_HF_CPU_DEFAULTS="GOMP_SPINCOUNT,OMP_NUM_THREADS")
+    added = "GOMP_SPINCOUNT,MALLOC_MMAP_MAX_,MALLOC_TRIM_THRESHOLD_,OMP_NUM_THREADS"
+    expected = unset(**WAIT_DEFAULTS, OMP_NUM_THREADS=threads, **MEMORY_DEFAULTS, DDL_HF_CPU_DEFAULTS=added)
     assert environment_at_torch_import(command, recorder) == expected
 
 
 def test_the_console_script_keeps_what_the_user_set(recorder):
-    user = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "3"}
+    user = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "3", "MALLOC_MMAP_THRESHOLD_": "1048576"}
     expected = unset(**user, DDL_HF_CPU_DEFAULTS="none")
     assert environment_at_torch_import([ddl_script(), "--help"], recorder, **user) == expected
 
@@ -217,3 +231,46 @@ def test_importing_ddl_hf_changes_nothing(recorder):
     assert environment_at_torch_import(command, recorder) == unset()
     user = {"OMP_NUM_THREADS": "1"}
     assert environment_at_torch_import(command, recorder, **user) == unset(**user)
+
+
+MALLOC_CHECK = """
+import ctypes, sys
+import ddl_hf_launch
+if sys.argv[1] == "apply":
+    ddl_hf_launch.apply_cpu_defaults()
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+before = mallinfo2()
+block = torch.ones(64 << 20, dtype=torch.uint8)
+during = mallinfo2()
+del block
+after = mallinfo2()
+print(during.hblkhd - before.hblkhd, after.arena - before.arena)
+"""
+
+
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc" or tuple(map(int, platform.libc_ver()[1].split("."))) < (2, 33),
+    reason="needs glibc >= 2.33 (mallinfo2)",
+)
+def test_the_memory_defaults_keep_a_freed_block_for_the_next_step():
+    """glibc, as it is, serves a 64 MiB tensor with pages of its own (mmap) and returns them at free, so the next
+    step faults them in again; with the defaults (set in the running process through mallopt) the block comes
+    from the heap and stays there."""
+    environment = {name: value for name, value in os.environ.items() if name not in WATCHED}
+    environment["PYTHONPATH"] = str(REPO / "src")
+    results = {}
+    for mode in ("apply", "plain"):
+        command = [sys.executable, "-c", MALLOC_CHECK, mode]
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120, check=True)
+        results[mode] = [int(field) for field in done.stdout.split()]
+    mapped, kept = results["apply"]
+    assert mapped == 0 and kept >= 64 << 20
+    mapped, kept = results["plain"]
+    assert mapped >= 64 << 20 and kept < 64 << 20
