@@ -517,6 +517,16 @@ def _folded_conv(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Ten
     return out.transpose(1, 2)
 
 
+def _shifted_windows(kernel: int, padding: int, out_tokens: int) -> Iterator[tuple[int, slice, slice]]:
+    """(k, outputs, inputs) for each tap k of a causal convolution with `padding` zero tokens before its input:
+    output token t reads input token t + k - padding, for the outputs whose input is a real token."""
+    for k in range(kernel):
+        first = max(0, padding - k)
+        if first < out_tokens:
+            start = first + k - padding
+            yield k, slice(first, out_tokens), slice(start, start + out_tokens - first)
+
+
 def _token_compress_backward(
     x: torch.Tensor, taps: torch.Tensor, grad_out: torch.Tensor, padding: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,19 +538,15 @@ def _token_compress_backward(
 
     as K shifted products along d, each state-sized result value major (no layout change), instead of
     the convolution's backward (which, under inductor, gets channels-first copies of the state)."""
-    (kernel, d_v, d), batch, tokens_in, out_tokens = taps.shape, x.shape[0], x.shape[1], grad_out.shape[1]
+    (kernel, d_v, d), batch, tokens_in = taps.shape, x.shape[0], x.shape[1]
     state = x.view(batch, tokens_in, d_v, d)
-    # Output token t reads input token t + k - padding with tap k: input s gets g[s + padding - k].
-    padded = F.pad(grad_out, (0, 0, kernel - 1, kernel - 1)).unsqueeze(2)  # (B, T' + 2K - 2, 1, d)
+    grad = grad_out.unsqueeze(2)  # (B, T', 1, d)
     grad_x = torch.zeros_like(state)  # (B, T_in, d_v, d), value major
-    grads = []
-    for k in range(kernel):
-        start = padding + kernel - 1 - k
-        grad_x.addcmul_(padded[:, start : start + tokens_in], taps[k])
-        first = max(0, padding - k)  # the first output token whose tap k reads a real input token
-        window = state[:, first + k - padding : out_tokens + k - padding]
-        grads.append((window * grad_out[:, first:].unsqueeze(2)).sum((0, 1)))  # (d_v, d)
-    return grad_x.view_as(x), torch.stack(grads)
+    grad_taps = torch.zeros_like(taps)
+    for k, outputs, inputs in _shifted_windows(kernel, padding, grad_out.shape[1]):
+        grad_x[:, inputs].addcmul_(grad[:, outputs], taps[k])
+        grad_taps[k] = (state[:, inputs] * grad[:, outputs]).sum((0, 1))  # (d_v, d)
+    return grad_x.view_as(x), grad_taps
 
 
 # The token compressor under autograd is a pair of custom operators (forward, backward): the compiler
@@ -647,16 +653,6 @@ def token_read_after_write_reference(
     written = (upcast(write).unsqueeze(-1) * upcast(h).unsqueeze(-2)).flatten(-2)  # (B, T, d_v * d), value major
     update = token_compress_reference(written, upcast(conv_weight), upcast(read_weight), padding)
     return (upcast(read) + update).to(read.dtype)
-
-
-def _shifted_windows(kernel: int, padding: int, out_tokens: int) -> Iterator[tuple[int, slice, slice]]:
-    """(k, outputs, inputs) for each tap k of a causal convolution with `padding` zero tokens before its input:
-    output token t reads input token t + k - padding, for the outputs whose input is a real token."""
-    for k in range(kernel):
-        first = max(0, padding - k)
-        if first < out_tokens:
-            start = first + k - padding
-            yield k, slice(first, out_tokens), slice(start, start + out_tokens - first)
 
 
 def _write_taps(write: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
