@@ -31,8 +31,9 @@ The defaults only fill what the user left unset:
   By default glibc serves each large block (above an adaptive threshold of 128 KiB to 32 MiB) with
   fresh pages from the kernel and returns them at free, and gives back the top of its heap: a
   training step's activations and gradients (MiB each) are then faulted in again, page by page,
-  at every step. Keeping them made training steps 10 to 15% faster on this project's CPU (mini
-  preset) and cut the page faults by 6 to 8x; the process's resident memory stays at its peak
+  at every step. Keeping them made training steps 3 to 13% shorter for the baseline and 16 to 18%
+  for DDL-CC on this project's CPU (mini preset) and cut the page faults by 6 to 8x (measurements in
+  the README, "A busy CPU"); the process's resident memory stays at its peak
   instead of shrinking between steps. glibc reads these variables when a process starts, so the
   running process gets the same settings through `mallopt`; other C libraries ignore them.
 

@@ -655,10 +655,16 @@ def token_read_after_write_reference(
     return (upcast(read) + update).to(read.dtype)
 
 
+def _taps_by_value(taps: torch.Tensor) -> torch.Tensor:
+    """The taps F (K, d_v, d) as the (d_v, K * d) matrix that maps a write w to every tap's filter of it."""
+    kernel, d_v, d = taps.shape
+    return taps.transpose(0, 1).reshape(d_v, kernel * d)
+
+
 def _write_taps(write: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     """u[b, s, k, i] = sum_j F[k, j, i] w[b, s, j]: (B, T, d_v), (K, d_v, d) -> (B, T, K, d), one product."""
-    kernel, d_v, d = taps.shape
-    return (write @ taps.transpose(0, 1).reshape(d_v, kernel * d)).unflatten(-1, (kernel, d))
+    kernel, _, d = taps.shape
+    return (write @ _taps_by_value(taps)).unflatten(-1, (kernel, d))
 
 
 def _token_write_read(h: torch.Tensor, write: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
@@ -699,8 +705,7 @@ class _TokenReadAfterWrite(torch.autograd.Function):
             grad_h[:, inputs].addcmul_(grad_out[:, outputs], per_tap[:, inputs, k])
             grad_per_tap[:, inputs, k] = grad_out[:, outputs] * h[:, inputs]
         grad_per_tap = grad_per_tap.flatten(-2)  # (B, T_in, K * d)
-        flat_taps = taps.transpose(0, 1).reshape(d_v, kernel * d)
-        grad_write = grad_per_tap @ flat_taps.t()
+        grad_write = grad_per_tap @ _taps_by_value(taps).t()
         grad_taps = (write.flatten(0, 1).t() @ grad_per_tap.flatten(0, 1)).view(d_v, kernel, d).transpose(0, 1)
         return grad_out, grad_h, grad_write, grad_taps, None
 
