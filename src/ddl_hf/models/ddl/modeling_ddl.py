@@ -391,6 +391,10 @@ class DDLPreTrainedModel(PreTrainedModel):
         allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         subfolder = kwargs.get("subfolder", "")
         check_safetensors_files(pretrained_model_name_or_path, subfolder)
+        # No DDL layer has a kernel in the `kernels` hub mapping, so kernelizing (transformers' default since
+        # 5.25) replaces nothing here, and with `device_map="meta"` it raises ("Unsupported device type
+        # 'meta'"), for every model. An explicit `use_kernels=True` is still passed on.
+        kwargs.setdefault("use_kernels", False)
         # Unless the caller takes the loading info, mismatched shapes are let through so that the error below
         # can list them.
         model, loading_info = super().from_pretrained(
