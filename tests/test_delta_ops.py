@@ -298,41 +298,38 @@ def test_channel_compress_matches_reference(dtype, weight_dtype, layout):
         torch.testing.assert_close(got.float(), expected.float(), **tol)
 
 
+def assert_token_conv_matches_reference(x, weight, padding, dtype):
+    """token_conv against token_conv_reference on inputs cast to `dtype`: forward and both gradients."""
+    inputs = [x.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()]
+    expected_tokens = x.shape[1] + padding - weight.shape[-1] + 1
+    weights = torch.randn(x.shape[0], expected_tokens, weight.shape[0])
+    fast, fast_grads = value_and_grads(lambda a, w: token_conv(a, w, padding), inputs, weights)
+    ref, ref_grads = value_and_grads(lambda a, w: token_conv_reference(a, w, padding), inputs, weights)
+    assert fast.shape == ref.shape == (x.shape[0], expected_tokens, weight.shape[0]) and fast.dtype == dtype
+    for name, got, expected in zip(("output", "x", "weight"), (fast, *fast_grads), (ref, *ref_grads)):
+        tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
+        torch.testing.assert_close(got, expected, **tolerance, msg=f"{name}, padding {padding}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "channels,weight_shape",
     [(12, (12, 1, 4)), (12, (3, 4, 4)), (4, (16, 1, 4)), (8, (8, 1, 1)), (6, (2, 3, 2))],
     ids=["depthwise", "folded-compressor", "expansion", "kernel-1", "grouped"],
 )
-def test_token_conv_matches_reference(channels, weight_shape):
-    kernel = weight_shape[-1]
-    for padding in range(kernel):
-        x = torch.randn(2, 9, channels, requires_grad=True)
-        weight = torch.randn(*weight_shape, requires_grad=True)
-        expected_tokens = 9 + padding - kernel + 1
-        weights = torch.randn(2, expected_tokens, weight_shape[0])
-        fast, fast_grads = value_and_grads(lambda a, w, p=padding: token_conv(a, w, p), [x, weight], weights)
-        ref, ref_grads = value_and_grads(lambda a, w, p=padding: token_conv_reference(a, w, p), [x, weight], weights)
-        assert fast.shape == ref.shape == (2, expected_tokens, weight_shape[0])
-        torch.testing.assert_close(fast, ref, **FP32)
-        for got, expected in zip(fast_grads, ref_grads):
-            torch.testing.assert_close(got, expected, **FP32)
+def test_token_conv_matches_reference(channels, weight_shape, dtype):
+    for padding in range(weight_shape[-1]):
+        assert_token_conv_matches_reference(torch.randn(2, 9, channels), torch.randn(*weight_shape), padding, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 3, 40], ids=["decode-step", "few-tokens", "convolution"])
-def test_token_conv_few_and_many_tokens_match_reference(tokens):
+def test_token_conv_few_and_many_tokens_match_reference(tokens, dtype):
     """A few output tokens go through a direct product of the windows, more through the convolution."""
     for channels, weight_shape in ((12, (3, 4, 4)), (4, (16, 1, 4)), (6, (2, 3, 2))):
         for padding in (0, 1):
-            x = torch.randn(2, tokens + weight_shape[-1] - 1 - padding, channels, requires_grad=True)
-            weight = torch.randn(*weight_shape, requires_grad=True)
-            weights = torch.randn(2, tokens, weight_shape[0])
-            fast, fast_grads = value_and_grads(lambda a, w, p=padding: token_conv(a, w, p), [x, weight], weights)
-            ref, ref_grads = value_and_grads(
-                lambda a, w, p=padding: token_conv_reference(a, w, p), [x, weight], weights
-            )
-            torch.testing.assert_close(fast, ref, **FP32)
-            for got, expected in zip(fast_grads, ref_grads):
-                torch.testing.assert_close(got, expected, **FP32)
+            x = torch.randn(2, tokens + weight_shape[-1] - 1 - padding, channels)
+            assert_token_conv_matches_reference(x, torch.randn(*weight_shape), padding, dtype)
 
 
 def test_token_conv_output_token_t_reads_inputs_up_to_t():
@@ -518,6 +515,30 @@ def test_model_logits_and_gradients_equal_the_reference_paths(variant):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-4 * scale + 1e-8, msg=name)
 
 
+def relative_error(got: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((got.double() - truth).norm() / truth.norm())
+
+
+@pytest.mark.parametrize("variant", sorted(PRESET_VARIANTS))
+def test_bf16_model_fast_paths_are_as_accurate_as_the_references(variant):
+    """A model cast to bf16: fast and reference paths round at different places, so they are compared with the
+    same weights in float64, which both approximate. The fast paths' logits and gradients must be as close to it
+    as the references' (gate-bias gradients are sums with cancellation, a few times noisier in bf16 on either
+    path, so the gradients are compared by their median error)."""
+    model = perturb(tiny_model(variant), 0.05).to(torch.bfloat16)
+    input_ids, attention_mask = padded_batch(model.config.vocab_size)
+    logits, grads = logits_and_grads(model, input_ids, attention_mask)
+    with reference_paths():
+        ref_logits, ref_grads = logits_and_grads(model, input_ids, attention_mask)
+    true_logits, true_grads = logits_and_grads(model.double(), input_ids, attention_mask)
+    assert logits.dtype == torch.bfloat16 and all(grad.dtype == torch.bfloat16 for grad in grads.values())
+    fast_error, ref_error = relative_error(logits, true_logits), relative_error(ref_logits, true_logits)
+    assert fast_error < 0.03 and fast_error <= 1.5 * ref_error, (fast_error, ref_error)
+    fast_errors = torch.tensor([relative_error(grads[name], true) for name, true in true_grads.items()])
+    ref_errors = torch.tensor([relative_error(ref_grads[name], true) for name, true in true_grads.items()])
+    assert fast_errors.median() < 0.05 and fast_errors.median() <= 1.5 * ref_errors.median(), (fast_errors, ref_errors)
+
+
 @pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"])
 def test_use_fast_path_false_in_the_config_runs_the_reference_paths(variant):
     """`DDLConfig.use_fast_path=False` reaches every Delta module and gives, bit for bit, what
@@ -620,48 +641,88 @@ def test_factored_channel_read_is_a_same_padded_conv_along_the_values_then_a_sha
 
 
 def _every_fused_op(state, h, beta, v, read_weight, filters, embed_filters, embeddings):
-    """One chain through every fused op, as a block and its neighbours run them: EC token convolution, the rewrite
-    (keeping its input, then its output), the channel read and the read after a write, the token compressor and its
-    read after a write."""
-    batch, tokens, d, d_v = state.shape
-    expanded = token_conv(embeddings, embed_filters, padding=embed_filters.shape[-1] - 1)  # (B, T, d * d_v)
-    state = state + expanded.unflatten(-1, (d, d_v))
+    """One chain through every fused op, as a block and its neighbours run them, each token convolution with both
+    paddings a model uses (K - 1: a training or prefill forward; 0: the inputs start with K - 1 cached tokens, a
+    decoding step): EC token convolution, the rewrite (keeping its input, then its output; write-only), the channel
+    read and the read after a write, the token compressor and its read after a write. Returns every result,
+    flattened into one fp32 vector."""
+    d, d_v = state.shape[-2:]
+    paddings = (filters.shape[-1] - 1, 0)
+    expanded = [token_conv(embeddings, embed_filters, padding=padding) for padding in paddings]
+    state = state + expanded[0].unflatten(-1, (d, d_v))
     new_state, write = delta_update(state, h, beta, v, EPS, return_write=True)
     read = channel_read_after_write(channel_compress(state, read_weight), h, write, read_weight)
     newer, newer_write = delta_update(new_state, h, beta, v, EPS, return_write=True, save_output=True)
-    filtered = token_compress(flat_state(newer), filters, read_weight, padding=filters.shape[-1] - 1)
-    filtered = token_read_after_write(filtered, h, newer_write, filters, read_weight, padding=filters.shape[-1] - 1)
-    return flat_state(newer).float().sum(-1) + read.float().sum(-1) + filtered.float().sum(-1)
+    written_only = delta_update(newer, h, beta, v, EPS, erase=False)
+    filtered = []
+    for padding in paddings:
+        compressed = token_compress(flat_state(new_state), filters, read_weight, padding=padding)
+        filtered.append(token_read_after_write(compressed, h, newer_write, filters, read_weight, padding=padding))
+    results = [*expanded, read, flat_state(written_only), *filtered]
+    return torch.cat([result.float().flatten() for result in results])
+
+
+# Two rows of K = 4 tokens take the few-token branches of the token convolutions (8 outputs with padding K - 1,
+# 2 with padding 0: one decoding step per row); two rows of 12 take the convolutions (24 and 18 outputs, above
+# `_FEW_TOKENS`).
+BRANCH_TOKENS = {"few-tokens-and-decode-step": 4, "convolution": 12}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("branch", list(BRANCH_TOKENS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_inductor_compiled_fused_ops_match_the_eager_references_forward_and_every_gradient(dtype):
+def test_inductor_compiled_fused_ops_match_the_eager_references_forward_and_every_gradient(dtype, branch):
     """What a GPU run compiles (inductor writes C++ here and Triton there from the same graph): the fused paths,
-    compiled, against the plain references in eager mode, forward and the gradient of every input."""
+    compiled, against the plain references in eager mode, forward and the gradient of every input, then the
+    inference branches (no autograd functions) under `no_grad`, which compile a graph of their own."""
     generator = torch.Generator().manual_seed(7)
-    d, d_v, kernel = 16, 4, 4
-    state, h, beta, v = random_problem((2, 9), d, d_v, dtype, generator)
+    d, d_v, kernel, tokens = 16, 4, 4, BRANCH_TOKENS[branch]
+    state, h, beta, v = random_problem((2, tokens), d, d_v, dtype, generator)
     extra = [
         torch.randn(d, d_v, generator=generator),  # read weight
         0.5 * torch.randn(d * d_v, 1, kernel, generator=generator),  # TC filters
         0.5 * torch.randn(d * d_v, 1, kernel, generator=generator),  # EC filters
-        torch.randn(2, 9, d, generator=generator),  # embeddings
+        torch.randn(2, tokens, d, generator=generator),  # embeddings
     ]
     inputs = [state, h, beta, v, *(tensor.to(dtype).requires_grad_() for tensor in extra)]
-    weights = torch.randn(2, 9, generator=generator)
-    torch._dynamo.reset()
-    compiled = torch.compile(_every_fused_op, backend="inductor", fullgraph=True)
-    got, got_grads = value_and_grads(compiled, inputs, weights)
+    with reference_paths(), torch.no_grad():
+        weights = torch.randn(_every_fused_op(*inputs).shape, generator=generator)
     with reference_paths():
         expected, expected_grads = value_and_grads(_every_fused_op, inputs, weights)
     torch._dynamo.reset()
+    compiled = torch.compile(_every_fused_op, backend="inductor", fullgraph=True, dynamic=False)
+    got, got_grads = value_and_grads(compiled, inputs, weights)
+    with torch.no_grad():
+        got_inference = compiled(*inputs)
+    torch._dynamo.reset()
     tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
     torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(got_inference, expected, **tolerance)
     for index, (grad, reference) in enumerate(zip(got_grads, expected_grads)):
         assert grad.dtype == inputs[index].dtype
         tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(reference)
         torch.testing.assert_close(grad.float(), reference.float(), **tolerance, msg=f"gradient of input {index}")
+
+
+@pytest.mark.parametrize("branch", list(BRANCH_TOKENS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inference_branches_give_the_bits_of_the_autograd_branches(dtype, branch):
+    """Without autograd every op runs its forward math without the autograd function (or custom operator):
+    the results must not depend on the grad mode, bit for bit, on every branch."""
+    generator = torch.Generator().manual_seed(11)
+    d, d_v, kernel, tokens = 16, 4, 4, BRANCH_TOKENS[branch]
+    inputs = random_problem((2, tokens), d, d_v, dtype, generator)
+    inputs += [
+        torch.randn(d, d_v, generator=generator).to(dtype).requires_grad_(),
+        (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(dtype).requires_grad_(),
+        (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(dtype).requires_grad_(),
+        torch.randn(2, tokens, d, generator=generator).to(dtype).requires_grad_(),
+    ]
+    with_autograd = _every_fused_op(*inputs)
+    assert with_autograd.requires_grad
+    with torch.no_grad():
+        without = _every_fused_op(*inputs)
+    assert torch.equal(with_autograd, without)
 
 
 def test_token_compress_operators_pass_torch_library_opcheck():
