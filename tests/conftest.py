@@ -109,3 +109,35 @@ def run_fresh_python(script: str, *args, cwd, modules_cache, timeout: int = 300)
         text=True,
         timeout=timeout,
     )
+
+
+# --------------------------------------------------------------------------- what loading logs
+import logging  # noqa: E402
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+
+@pytest.fixture
+def load_log(caplog):
+    """`caplog` holding what loading logs at WARNING: transformers' loading report (its library logger does not
+    propagate, and the suite runs with TRANSFORMERS_VERBOSITY=error) and ddl_hf's own warnings."""
+    library = hf_logging.get_logger("transformers")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    library.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING)
+    try:
+        yield caplog
+    finally:
+        library.removeHandler(caplog.handler)
+        hf_logging.set_verbosity(verbosity)
+
+
+def ddl_warnings(caplog) -> list[str]:
+    """The WARNING messages that ddl_hf itself logged (`checkpoint_checks.check_loaded_weights`)."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("ddl_hf.") and r.levelno == logging.WARNING]
+
+
+def transformers_report(caplog) -> str:
+    """What transformers logged (its loading report names every missing, unexpected or mismatched key)."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("transformers"))

@@ -21,16 +21,26 @@ depthwise convolution over tokens from each feature to its d_v channels.
 
 Everything runs in float64, so the two agree to float rounding (1e-10), with every weight moved off its
 initialization (the QK gains included, so that the QK-norm order matters).
+
+The mirror is ours; the last tests check against the authors' code itself, through numbers it produced
+(`tests/fixtures/authors/`, made by `scripts/make_authors_fixture.py`): `ddl convert-reference`'s converter of each of
+their state dicts gives their logits (1e-5) and the gradient of every parameter, on every variant of their files,
+their Triton file included (whose guard `--k_eps_form accelerated` selects).
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from conftest import perturb, random_tokens, tiny_model
-from ddl_hf.reference_checkpoints import rename_to_reference, to_reference_state_dict
+from ddl_hf.models.ddl.delta_layers import flat_state, state_matrix
+from ddl_hf.models.ddl.delta_ops import unit_direction
+from ddl_hf.reference_checkpoints import from_reference_state_dict, rename_to_reference, to_reference_state_dict
 
 VARIANTS = ["baseline", "ddl-scalar", "ddl-cc", "ddl-tc", "ddl-cc-noec", "ddl-tc-noec", "write-only-cc"]
 NORM_EPS, K_EPS, ROPE_THETA = 1e-5, 1e-5, 10000.0
@@ -188,3 +198,94 @@ def test_the_presets_export_as_the_authors_models():
                 to_reference_state_dict(model)
         else:
             assert set(to_reference_state_dict(model)) == set(rename_to_reference(model.state_dict()))
+
+
+# --------------------------------------------------------------------------- the authors' own numbers
+# Made by `scripts/make_authors_fixture.py` from their code itself (their files imported as they are, fp32, every
+# weight moved off its initialization): per variant their state dict in their names, their logits and the
+# gradient of their loss for every parameter. The tests below need none of their code.
+AUTHORS_FIXTURE = Path(__file__).parent / "fixtures" / "authors" / "authors_models"
+AUTHORS_META = json.loads(AUTHORS_FIXTURE.with_suffix(".json").read_text())
+
+
+@pytest.fixture(scope="module")
+def authors_numbers():
+    return load_file(AUTHORS_FIXTURE.with_suffix(".safetensors"))
+
+
+def _under(tensors, prefix):
+    return {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
+
+
+def test_the_fixture_holds_every_variant_of_their_files():
+    assert set(AUTHORS_META["variants"]) == {*VARIANTS[:-1], "ddl-cc-accelerated"}  # all but write-only (not theirs)
+    assert AUTHORS_META["variants"]["ddl-cc-accelerated"]["file"] == "DDL-gpt-mha-rope-CC-EC-accelerated.py"
+
+
+@pytest.mark.parametrize("use_fast_path", [True, False], ids=["fused", "reference"])
+@pytest.mark.parametrize("variant", sorted(AUTHORS_META["variants"]))
+def test_converting_their_models_gives_their_logits_and_every_gradient(variant, use_fast_path, authors_numbers):
+    meta = AUTHORS_META["variants"][variant]
+    theirs = _under(authors_numbers, f"{meta['state']}/state/")
+    model = from_reference_state_dict(theirs, k_eps_form=meta["k_eps_form"], use_fast_path=use_fast_path)
+    assert model.config.variant_name == meta["ddl_hf_variant"]
+    assert model.config.num_hidden_layers == AUTHORS_META["shape"]["num_hidden_layers"]
+    input_ids, targets = authors_numbers["input_ids"], authors_numbers["targets"]
+
+    model.train()  # as their loss was taken; dropout is 0
+    logits = model(input_ids).logits
+    expected = authors_numbers[f"{variant}/logits"]
+    assert logits.shape == expected.shape and (logits - expected).abs().max() <= 1e-5
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+
+    gradients = rename_to_reference({name: parameter.grad for name, parameter in model.named_parameters()})
+    expected = _under(authors_numbers, f"{variant}/grad/")
+    # Every parameter of theirs is one of ours, one to one (the tied head is the embedding in both).
+    assert set(gradients) == set(expected)
+    for name, gradient in gradients.items():
+        scale = expected[name].abs().max()
+        assert scale > 0, f"their gradient of {name} is zero: the fixture would not test it"
+        # fp32 on both sides, summed in other orders: within 1e-4 of the tensor's largest entry, plus 1e-7 for the
+        # cancellation in small sums like a gate bias's (seen: <= 4.5e-5 of the largest entry, <= 6e-7 in all).
+        assert (gradient - expected[name]).abs().max() <= 1e-4 * scale + 1e-7, f"gradient of {name}"
+    # The QK gains were moved apart, so the QK-norm order shows in the logits and in these gradients.
+    assert theirs["transformer.h.0.attn.q_rms.weight"].std() > 0.1
+
+
+def test_the_fixture_is_sharp_for_the_qk_norm_order_and_the_norm_eps(authors_numbers):
+    """ddl_hf's earlier forms would miss their logits by far more than the 1e-5 above."""
+    theirs = _under(authors_numbers, "ddl-cc/state/")
+    expected = authors_numbers["ddl-cc/logits"]
+    for overrides in ({"qk_norm_position": "before_rope"}, {"rms_norm_eps": 1e-6}):
+        with torch.no_grad():
+            logits = from_reference_state_dict(theirs, **overrides)(authors_numbers["input_ids"]).logits
+        assert (logits - expected).abs().max() > 1e-3, overrides
+
+
+def test_the_k_eps_forms_are_their_plain_and_accelerated_files_on_a_probe(authors_numbers):
+    """Both of their CC-EC files save the same keys. Their plain file guards k = h / sqrt(|h|^2 + k_eps^2), their
+    Triton file h / sqrt(|h|^2 + d k_eps^2): on a sublayer output with |h| ~ k_eps (the probe) the two differ by
+    ~1, and `k_eps_form` picks which one the converted model is."""
+    theirs = _under(authors_numbers, "ddl-cc/state/")
+    probe = _under(authors_numbers, "probe/")
+    hidden_size, value_channels = probe["state"].shape[-2:]
+    h = probe["h"]
+    plain, accelerated = authors_numbers["ddl-cc/probe_output"], authors_numbers["ddl-cc-accelerated/probe_output"]
+    assert (plain - accelerated).abs().max() > 0.1
+    for form, expected, guard in (
+        ("plain", plain, 1e-5),
+        ("accelerated", accelerated, math.sqrt(hidden_size) * 1e-5),
+    ):
+        model = from_reference_state_dict(theirs, **({} if form == "plain" else {"k_eps_form": form}))
+        assert model.config.k_eps == pytest.approx(guard, rel=1e-12)
+        shortcut = model.model.layers[0].attn_shortcut
+        with torch.no_grad():
+            new_state = shortcut(flat_state(probe["state"]), h, probe["context"], block_input=probe["block_input"])
+        new_state = state_matrix(new_state, hidden_size, value_channels)
+        torch.testing.assert_close(new_state, expected, rtol=0, atol=1e-5, msg=form)
+        # The direction itself, on the probe's h: the file's formula, h / sqrt(|h|^2 + eps^2) with eps^2 = k_eps^2
+        # (plain) or d k_eps^2 (accelerated), k_eps = 1e-5; far from a unit vector at this |h|.
+        eps_squared = (hidden_size if form == "accelerated" else 1) * 1e-10
+        k = h / torch.sqrt(h.pow(2).sum(-1, keepdim=True) + eps_squared)
+        torch.testing.assert_close(unit_direction(h, model.config.k_eps), k, rtol=1e-6, atol=0, msg=form)
+        assert k.norm(dim=-1).sub(1).abs().min() > 0.05

@@ -146,3 +146,50 @@ def test_compiled_bench_reports_compile_time_apart_and_decodes_the_eager_tokens(
         with torch.compiler.set_stance("fail_on_recompile"):
             compiled.decode(batch_size)
         assert torch.equal(compiled.last_decoded, eager.last_decoded)
+
+
+@pytest.mark.slow
+def test_compiled_activation_bytes_are_what_the_compiled_graph_saves():
+    """With `--compile` the activation figure is the compiled model's: the tensors its backward graph receives as
+    saved inputs (what AOTAutograd's partitioner chose to keep), not what eager autograd would keep. A backend with
+    the partitioner that inductor uses hands each backward call's inputs to this test, which counts their distinct
+    non-parameter storages the way `activation_bytes` does."""
+    import torch
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    saved_storages: dict[int, int] = {}
+
+    def backward_compiler(graph, example_inputs):
+        placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+        tangents = sum(node.name.startswith("tangents") for node in placeholders)
+        boxed = make_boxed_func(graph)
+
+        def run(inputs):
+            for tensor in inputs[: len(inputs) - tangents]:  # the saved tensors, then the incoming gradients
+                if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in parameters:
+                    saved_storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return boxed(inputs)
+
+        run._boxed_call = True
+        return run
+
+    def forward_compiler(graph, example_inputs):
+        return make_boxed_func(graph)
+
+    backend = aot_autograd(
+        fw_compiler=forward_compiler, bw_compiler=backward_compiler, partition_fn=min_cut_rematerialization_partition
+    )
+    arguments = bench.build_parser().parse_args([*TINY, "--compile", "--device", "cpu"])
+    arguments.compile_backend = backend
+    compiled = bench.Workload(arguments, "ddl-cc")
+    parameters = {p.untyped_storage().data_ptr() for p in compiled.model.parameters()}
+    eager = bench.Workload(bench.build_parser().parse_args([*TINY, "--device", "cpu"]), "ddl-cc")
+
+    figure = compiled.activation_bytes()
+    compiled.model.train()
+    compiled.forward(input_ids=compiled.input_ids, labels=compiled.input_ids).loss.backward()
+    assert saved_storages, "the compiled graph's backward never ran"
+    assert figure == sum(saved_storages.values())
+    # The partitioner recomputes cheap intermediates instead of saving them: the compiled model keeps less.
+    assert figure < eager.activation_bytes()

@@ -1,14 +1,17 @@
 """Checkpoints: bad folders fail loudly, and a committed fixture guards the checkpoint format.
 
-A DDL model never comes back half-initialized: weights that do not match the config, missing or
-extra tensors, a truncated safetensors file or an invalid config.json raise a ValueError that names
-the file and the problem (transformers itself only logs missing keys and re-initializes them).
+A DDL model never comes back silently half-initialized: a truncated safetensors file or an invalid
+config.json raises a ValueError that names the file and the problem; weights of another shape than the
+config's raise transformers' RuntimeError naming them; missing DDL weights and DDL weights the config has
+no place for are named in a warning (transformers' own report lists every key); `strict=True` refuses
+any missing, extra or reshaped tensor with a ValueError naming the file and the keys.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -18,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import perturb, random_tokens, run_fresh_python, tiny_model
+from conftest import ddl_warnings, perturb, random_tokens, run_fresh_python, tiny_model, transformers_report
 from ddl_hf import DDLConfig, DDLForCausalLM, DDLModel
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "ddl-tc-tiny"
@@ -67,71 +70,124 @@ def test_valid_checkpoint_round_trips_with_empty_loading_info(saved):
 
 def test_strict_loading_keeps_dtype_meta_device_and_backbone_loading_working(saved, tmp_path):
     path = saved[0]
-    bf16 = DDLForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    bf16 = DDLForCausalLM.from_pretrained(path, dtype=torch.bfloat16, strict=True)
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
-    meta = DDLForCausalLM.from_pretrained(path, device_map="meta")
+    meta = DDLForCausalLM.from_pretrained(path, device_map="meta", strict=True)
     assert {p.device.type for p in meta.parameters()} == {"meta"}
-    backbone = AutoModel.from_pretrained(path)
+    backbone = AutoModel.from_pretrained(path, strict=True)
     assert type(backbone) is DDLModel
-    # The backbone of an untied causal LM drops its head on purpose: not an error.
+    # The backbone of an untied causal LM drops its head on purpose: not an error, even under strict.
     untied = DDLForCausalLM(DDLConfig.from_preset("tiny", "ddl-cc", tie_word_embeddings=False))
     untied.save_pretrained(tmp_path / "untied")
-    reloaded = DDLModel.from_pretrained(tmp_path / "untied")
+    reloaded = DDLModel.from_pretrained(tmp_path / "untied", strict=True)
     torch.testing.assert_close(reloaded.embed_tokens.weight, untied.model.embed_tokens.weight, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- weights that do not match
 @pytest.mark.parametrize(
-    ("changes", "expected"),
+    ("changes", "expected", "by_default"),
     [
-        (dict(hidden_size=64, head_dim=32), r"with a different shape: model\.embed_expansion\.conv_weight \(file"),
+        (
+            dict(hidden_size=64, head_dim=32),
+            r"with a different shape: model\.embed_expansion\.conv_weight \(file",
+            (RuntimeError, r"size mismatch for model\.embed_expansion\.conv_weight: copying a param with shape"),
+        ),
         (
             dict(value_channels=2),
             r"15 weight\(s\) with a different shape: .*\(file \(128, 1, 4\) vs model \(64, 1, 4\)\)",
+            (RuntimeError, r"model\.embed_expansion\.conv_weight: copying a param with shape \(128, 1, 4\) from "),
         ),
-        (dict(num_hidden_layers=3, layer_types=None), r"weight\(s\) missing from the file: model\.layers\.2\."),
-        (dict(num_hidden_layers=1, layer_types=None), r"unexpected weight\(s\) in the file: model\.layers\.1\."),
-        (dict(state_compressor="channel"), r"unexpected weight\(s\) in the file: model\.layers\.0\.compressor\.conv"),
-        (dict(gate_hidden_size=4), r"missing from the file: .*beta_hidden.*with a different shape: .*beta_proj"),
+        (
+            dict(num_hidden_layers=3, layer_types=None),
+            r"weight\(s\) missing from the file: model\.layers\.2\.",
+            r"10 DDL weight\(s\) missing from the file, initialized from scratch: model\.layers\.2\.attn_shortcut\.",
+        ),
+        (
+            dict(num_hidden_layers=1, layer_types=None),
+            r"unexpected weight\(s\) in the file: model\.layers\.1\.",
+            r"DDL weight\(s\) in the file that the config has no place for, dropped: model\.layers\.1\.attn_shortcut",
+        ),
+        (
+            dict(state_compressor="channel"),
+            r"unexpected weight\(s\) in the file: model\.layers\.0\.compressor\.conv",
+            r"missing from the file, .*channel_kernel.*no place for, dropped: .*"
+            r"model\.layers\.\{0, 1\}\.compressor\.conv",
+        ),
+        (
+            dict(gate_hidden_size=4),
+            r"missing from the file: .*beta_hidden.*with a different shape: .*beta_proj",
+            (RuntimeError, r"size mismatch for model\.layers\.0\.attn_shortcut\.beta_proj\.weight"),
+        ),
     ],
     ids=["hidden_size", "value_channels", "more-layers", "fewer-layers", "compressor-kind", "gate-hidden"],
 )
-def test_config_edited_away_from_the_weights_is_refused(saved, tmp_path, changes, expected):
+def test_config_edited_away_from_the_weights_fails_or_is_named_and_is_refused_under_strict(
+    saved, tmp_path, load_log, changes, expected, by_default
+):
     folder = _copy(saved[0], tmp_path / "edited")
     _edit_config(folder, **changes)
     for loader in (DDLForCausalLM, AutoModelForCausalLM):
         with pytest.raises(ValueError, match=expected) as error:
-            loader.from_pretrained(folder)
+            loader.from_pretrained(folder, strict=True)
         message = str(error.value)
         assert message.startswith(f"{folder / 'model.safetensors'} does not match the DDLForCausalLM")
         assert "Refusing to return a partly initialized model" in message
+        # Without strict: transformers' RuntimeError for other shapes; missing or dropped DDL weights are named.
+        load_log.clear()
+        if isinstance(by_default, tuple):
+            with pytest.raises(by_default[0], match=by_default[1]) as error:
+                loader.from_pretrained(folder)
+            assert str(folder / "model.safetensors") in str(error.value)
+        else:
+            loader.from_pretrained(folder)
+            (warning,) = ddl_warnings(load_log)
+            assert warning.startswith(f"{folder / 'model.safetensors'}: ")
+            assert re.search(by_default, warning), warning
 
 
-def test_missing_and_unexpected_tensors_are_listed(saved, tmp_path):
+def test_missing_and_unexpected_tensors_are_listed(saved, tmp_path, load_log):
     missing = _copy(saved[0], tmp_path / "missing")
     _rewrite_weights(missing, lambda w: w.pop("model.layers.1.mlp_shortcut.value_proj.weight"))
     with pytest.raises(
         ValueError, match=r"1 weight\(s\) missing from the file: model\.layers\.1\.mlp_shortcut\.value_"
     ):
-        DDLForCausalLM.from_pretrained(missing)
+        DDLForCausalLM.from_pretrained(missing, strict=True)
+    DDLForCausalLM.from_pretrained(missing)
+    (warning,) = ddl_warnings(load_log)
+    named = "1 DDL weight(s) missing from the file, initialized from scratch: model.layers.1.mlp_shortcut.value_proj"
+    assert named + ".weight" in warning
 
     extra = _copy(saved[0], tmp_path / "extra")
     _rewrite_weights(extra, lambda w: w.update({"model.layers.0.old_gate.weight": torch.zeros(3)}))
     with pytest.raises(ValueError, match=r"1 unexpected weight\(s\) in the file: model\.layers\.0\.old_gate\.weight"):
-        DDLForCausalLM.from_pretrained(extra)
+        DDLForCausalLM.from_pretrained(extra, strict=True)
+    load_log.clear()
+    DDLForCausalLM.from_pretrained(extra)  # no DDL module has it: transformers' report names it
+    assert ddl_warnings(load_log) == []
+    report = transformers_report(load_log)
+    assert "model.layers.0.old_gate.weight" in report and "UNEXPECTED" in report
 
     renamed = _copy(saved[0], tmp_path / "renamed")
     _rewrite_weights(renamed, lambda w: w.update({"model.readout.read_v": w.pop("model.readout.read_vector")}))
     with pytest.raises(ValueError, match=r"missing from the file: model\.readout\.read_vector.*unexpected weight"):
-        DDLForCausalLM.from_pretrained(renamed)
+        DDLForCausalLM.from_pretrained(renamed, strict=True)
+    load_log.clear()
+    DDLForCausalLM.from_pretrained(renamed)
+    (warning,) = ddl_warnings(load_log)
+    assert re.search(
+        r"missing from the file, .*: model\.readout\.read_vector; .*dropped: model\.readout\.read_v\b", warning
+    )
 
 
-def test_many_problems_are_summarized_not_dumped(saved, tmp_path):
+def test_many_problems_are_summarized_not_dumped(saved, tmp_path, load_log):
     folder = _copy(saved[0], tmp_path / "empty")
     save_file({"unrelated": torch.zeros(1)}, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"weight\(s\) missing from the file: .* and \d+ more") as error:
-        DDLForCausalLM.from_pretrained(folder)
+        DDLForCausalLM.from_pretrained(folder, strict=True)
     assert len(str(error.value)) < 2000
+    DDLForCausalLM.from_pretrained(folder)
+    (warning,) = ddl_warnings(load_log)  # every DDL weight named, the layers merged as in transformers' report
+    assert "model.layers.{0, 1}.attn_shortcut.beta_proj.weight" in warning and len(warning) < 2000
 
 
 def test_ignore_mismatched_sizes_still_reinitializes_on_request(saved, tmp_path):
@@ -189,10 +245,11 @@ def test_config_with_invalid_ddl_field_is_refused_naming_the_file(saved, tmp_pat
 
 @pytest.mark.slow
 def test_remote_code_loading_is_strict_too_and_writes_the_model_card(saved, tmp_path):
-    """In a process without ddl_hf, the copied modeling code refuses a bad folder and saves a model card."""
+    """In a process without ddl_hf, the copied modeling code names a missing DDL weight, refuses a bad folder under
+    strict=True, and saves a model card."""
     good = _copy(saved[0], tmp_path / "good")
     bad = _copy(saved[0], tmp_path / "bad")
-    _rewrite_weights(bad, lambda w: w.pop("model.norm.weight"))
+    _rewrite_weights(bad, lambda w: (w.pop("model.norm.weight"), w.pop("model.layers.0.attn_shortcut.beta_proj.bias")))
     (good / "README.md").unlink()
     script = textwrap.dedent(
         """
@@ -204,16 +261,21 @@ def test_remote_code_loading_is_strict_too_and_writes_the_model_card(saved, tmp_
         model = AutoModelForCausalLM.from_pretrained(good, trust_remote_code=True)
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         model.save_pretrained(resaved)
+        _, info = AutoModelForCausalLM.from_pretrained(bad, trust_remote_code=True, output_loading_info=True)
+        print("MISSING:", sorted(info["missing_keys"]))
         try:
-            AutoModelForCausalLM.from_pretrained(bad, trust_remote_code=True)
+            AutoModelForCausalLM.from_pretrained(bad, trust_remote_code=True, strict=True)
         except ValueError as error:
             print("REFUSED:", error)
         """
     )
     completed = run_fresh_python(script, good, bad, tmp_path / "resaved", cwd=tmp_path, modules_cache=tmp_path / "hf")
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "MISSING: ['model.layers.0.attn_shortcut.beta_proj.bias', 'model.norm.weight']" in completed.stdout
+    warning = f"{bad / 'model.safetensors'}: 1 DDL weight(s) missing from the file, initialized from scratch: "
+    assert warning + "model.layers.0.attn_shortcut.beta_proj.bias. " in completed.stderr  # the copied module's logger
     assert f"REFUSED: {bad / 'model.safetensors'} does not match" in completed.stdout
-    assert "missing from the file: model.norm.weight" in completed.stdout
+    assert "missing from the file: model.layers.0.attn_shortcut.beta_proj.bias, model.norm.weight" in completed.stdout
     card = (tmp_path / "resaved" / "README.md").read_text()
     assert "variant `ddl-tc`" in card and "trust_remote_code=True" in card
     assert (tmp_path / "resaved" / "model_card.py").is_file()

@@ -313,3 +313,54 @@ def test_an_unknown_init_scheme_is_refused_by_name():
         DeltaShortcut(8, init_scheme="x")
     with pytest.raises(ValueError, match=r"StateCompressor init_scheme must be one of \['authors', 'neutral'\]"):
         StateCompressor(8, 2, init_scheme="x")
+
+
+# The standalone modules check their arguments as `DDLConfig` checks its fields (one helper,
+# `configuration_ddl.check_choice` / `check_int` / `check_float`): an unknown choice or a bad size
+# raises a ValueError naming the argument and what is allowed, instead of running as something else.
+BAD_MODULE_ARGUMENTS = [
+    ("DeltaShortcut", dict(value_activation="tanh"), r"DeltaShortcut value_activation must be one of \['sigmoid', "),
+    ("DeltaShortcut", dict(value_input="bogus"), r"DeltaShortcut value_input must be one of \['state', 'context'\]"),
+    ("DeltaShortcut", dict(mode="additive"), r"DeltaShortcut mode must be one of \['delta', 'write_only'\]"),
+    ("DeltaShortcut", dict(hidden_size=0), r"DeltaShortcut hidden_size must be an integer >= 1, got 0"),
+    ("DeltaShortcut", dict(hidden_size=8.0), r"DeltaShortcut hidden_size must be an integer >= 1, got 8.0"),
+    ("DeltaShortcut", dict(value_channels=0), r"DeltaShortcut value_channels must be an integer >= 1"),
+    ("DeltaShortcut", dict(gate_hidden_size=-1), r"DeltaShortcut gate_hidden_size must be an integer >= 0"),
+    ("DeltaShortcut", dict(beta_init=2.5), r"DeltaShortcut beta_init must be a finite number in \[0.0, 2.0\]"),
+    ("DeltaShortcut", dict(k_eps=0.0), r"DeltaShortcut k_eps must be a finite number in \(0.0, inf\)"),
+    ("DeltaShortcut", dict(value_scale=float("nan")), r"DeltaShortcut value_scale must be a finite number"),
+    ("StateCompressor", dict(kind="pool"), r"StateCompressor kind must be one of \['channel', 'token'\], got 'pool'"),
+    ("StateCompressor", dict(form="dense"), r"StateCompressor form must be one of \['factored', 'free'\]"),
+    ("StateCompressor", dict(hidden_size=-4), r"StateCompressor hidden_size must be an integer >= 1"),
+    ("StateCompressor", dict(value_channels=True), r"StateCompressor value_channels must be an integer >= 1"),
+    ("StateCompressor", dict(kind="token", conv_size=0), r"StateCompressor conv_size must be an integer >= 1"),
+    ("StateCompressor", dict(channel_kernel_size=0), r"StateCompressor channel_kernel_size must be an integer >= 1"),
+    ("StateCompressor", dict(cache_layer_idx=-1), r"StateCompressor cache_layer_idx must be an integer >= 0"),
+    ("EmbedExpansion", dict(kind="convolution"), r"EmbedExpansion kind must be one of \['conv', 'repeat'\]"),
+    ("EmbedExpansion", dict(hidden_size=0), r"EmbedExpansion hidden_size must be an integer >= 1"),
+    ("EmbedExpansion", dict(value_channels=0), r"EmbedExpansion value_channels must be an integer >= 1"),
+    ("EmbedExpansion", dict(conv_size=0), r"EmbedExpansion conv_size must be an integer >= 1, got 0"),
+    ("EmbedExpansion", dict(state_idx=-1), r"EmbedExpansion state_idx must be an integer >= 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "module,overrides,message", BAD_MODULE_ARGUMENTS, ids=[f"{m}-{'-'.join(o)}" for m, o, _ in BAD_MODULE_ARGUMENTS]
+)
+def test_standalone_modules_refuse_what_they_cannot_do(module, overrides, message):
+    import ddl_hf
+
+    arguments = {"hidden_size": 8, "value_channels": 2, **overrides}
+    with pytest.raises(ValueError, match=message):
+        getattr(ddl_hf, module)(**arguments)
+
+
+def test_modules_and_config_share_one_message():
+    """The config and the modules word a refusal alike: the text comes from one helper."""
+    from ddl_hf import DDLConfig, StateCompressor
+
+    with pytest.raises(ValueError) as config_error:
+        DDLConfig.from_preset("tiny", "ddl-cc", state_compressor="pool")
+    with pytest.raises(ValueError) as module_error:
+        StateCompressor(8, 2, kind="pool")
+    assert str(config_error.value).split(" must ")[1] == str(module_error.value).split(" must ")[1]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import offline_env, random_tokens, tiny_model
+from conftest import offline_env, perturb, random_tokens, tiny_model
 from ddl_hf import PRESET_VARIANTS
 from ddl_hf.models.ddl import delta_layers
 from ddl_hf.models.ddl.delta_ops import reference_paths
@@ -333,3 +333,106 @@ def test_ddp_does_not_copy_gradients_that_miss_their_bucket_views(tmp_path):
     assert warning not in training, training[-4000:]
     # The control proves the warning would show in this capture: each rank warns once for it.
     assert control.count(warning) == 2, control[-4000:]
+
+
+# --------------------------------------------------------------------------- gradients after one backward
+GRADIENT_SCRIPT = r'''
+"""One forward and backward per variant and per data-parallel wrapper, each rank on its half of the batch; the
+gradients, gathered whole, for the test to compare with one process on the whole batch."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from ddl_hf import DDLConfig, DDLForCausalLM
+
+root = sys.argv[1]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+inputs = torch.load(os.path.join(root, "inputs.pt"))
+share = inputs["ids"].shape[0] // world
+ids = inputs["ids"][rank * share : (rank + 1) * share]
+
+
+def model_for(variant):
+    model = DDLForCausalLM(DDLConfig.from_preset("tiny", variant))
+    model.load_state_dict(torch.load(os.path.join(root, f"{variant}.pt")))
+    return model
+
+
+def whole(grad):
+    return (grad.full_tensor() if type(grad).__name__ == "DTensor" else grad).detach().clone()
+
+
+results = {}
+for variant in inputs["variants"]:
+    model = model_for(variant)
+    wrapped = DistributedDataParallel(model)
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    ddp = {name: whole(parameter.grad) for name, parameter in model.named_parameters()}
+
+    model = model_for(variant)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    fsdp = {name: whole(parameter.grad) for name, parameter in model.named_parameters()}
+    results[variant] = {"ddp": ddp, "fsdp2": fsdp}
+
+torch.save(results, os.path.join(root, f"grads{rank}.pt"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.fixture(scope="module")
+def data_parallel_gradients(tmp_path_factory):
+    """Every variant's gradients after one backward: one process on the whole batch (the mean loss over its
+    tokens), and each of 2 ranks of DDP and of FSDP2 given half of the batch (sharded gradients gathered)."""
+    root = tmp_path_factory.mktemp("dp_grads")
+    generator = torch.Generator().manual_seed(31)
+    ids = random_tokens(4, 12, generator=generator)  # no padding: both halves have the same number of tokens
+    expected = {}
+    for variant in PRESET_VARIANTS:
+        model = perturb(tiny_model(variant), 0.1, generator=generator)
+        torch.save(model.state_dict(), root / f"{variant}.pt")
+        model(input_ids=ids, labels=ids).loss.backward()
+        expected[variant] = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    torch.save({"ids": ids, "variants": list(PRESET_VARIANTS)}, root / "inputs.pt")
+    script = root / "gradients.py"
+    script.write_text(GRADIENT_SCRIPT)
+    result = _torchrun(script, root, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return expected, [torch.load(root / f"grads{rank}.pt") for rank in (0, 1)]
+
+
+def _gradient_mismatches(expected, ranks, wrapper):
+    """(variant, rank, parameter) -> the largest difference, for every gradient not equal to the whole batch's
+    up to float rounding; a missing or misshapen gradient fails at once."""
+    mismatches = {}
+    for rank, results in enumerate(ranks):
+        assert list(results) == list(expected), rank
+        for variant, reference in expected.items():
+            grads = results[variant][wrapper]
+            assert list(grads) == list(reference), (wrapper, variant, rank)
+            for name, want in reference.items():
+                # Large enough everywhere that twice (or half) the gradient is far outside the tolerance.
+                assert want.abs().max() > 1e-4, (variant, name)
+                got = grads[name]
+                assert got is not None and got.shape == want.shape, (wrapper, variant, rank, name)
+                if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+                    mismatches[(variant, rank, name)] = (got - want).abs().max().item()
+    return mismatches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_data_parallel_gradients_equal_the_whole_batch_gradients(data_parallel_gradients, wrapper):
+    """The gradients themselves, at float tolerance, after one backward: unlike losses and parameters after a few
+    AdamW steps (whose first step is about lr * sign(g)), they tell a mean over the ranks from a sum (2x) or from
+    no reduction at all (each rank's half-batch gradient)."""
+    expected, ranks = data_parallel_gradients
+    assert _gradient_mismatches(expected, ranks, wrapper) == {}

@@ -142,3 +142,18 @@ def test_config_with_the_legacy_all_hybrid_layer_types_loads_and_generates_the_s
     assert loaded.config.layer_types == saved["layer_types"]
     prompt = random_tokens(1, 4, seed=7)
     assert torch.equal(loaded.generate(prompt, **GREEDY), model.generate(prompt, **GREEDY))
+
+
+def test_transformers_hybrid_static_cache_layer_still_reports_no_max_length():
+    """Records a transformers bug (5.24-5.25) behind the one skip that our conformance run keeps
+    (`test_generate_compilation_all_outputs` on the token-compressor classes): a static cache layer that holds conv
+    states, `LinearAttentionAndStaticFullAttentionLayer`, inherits `get_max_length()` from `LinearAttentionLayer`
+    (-1) before `StaticLayer`, although it keeps `max_cache_len` keys. When this test fails, transformers has fixed
+    it: drop the skip from the conformance run and this test."""
+    from transformers import StaticCache
+
+    config = tiny_model("ddl-tc").config
+    cache = StaticCache(config=config, max_cache_len=16)
+    hybrid = [layer for layer in cache.layers if isinstance(layer, LinearAttentionCacheLayerMixin)]
+    assert hybrid, "a token-compressor model's static cache keeps conv states"
+    assert [layer.get_max_length() for layer in hybrid] == [-1] * len(hybrid)

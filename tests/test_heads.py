@@ -2,6 +2,7 @@
 (transformers' generic heads on the DDL backbone), through the Auto classes, from a causal-LM checkpoint, as
 remote code in a fresh process, with `Trainer` and with LoRA."""
 
+import inspect
 import json
 import textwrap
 
@@ -10,10 +11,17 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForQuestionAnswering,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+    LlamaModel,
     Trainer,
     TrainingArguments,
 )
@@ -22,6 +30,7 @@ from conftest import TINY_VOCAB, perturb, random_tokens, run_fresh_python, tiny_
 from ddl_hf import (
     PRESET_VARIANTS,
     DDLConfig,
+    DDLForCausalLM,
     DDLForQuestionAnswering,
     DDLForSequenceClassification,
     DDLForTokenClassification,
@@ -150,8 +159,11 @@ def test_a_causal_lm_checkpoint_loads_into_each_head_which_is_initialized_and_re
     ids = random_tokens(2, 6, seed=5, low=1)
     with torch.no_grad():
         assert torch.equal(model.eval().model(ids).last_hidden_state, lm.model(ids).last_hidden_state)
-    # Without output_loading_info the strict loader accepts the missing head too (the backbone is complete).
+    # Without output_loading_info the missing head is initialized too (the backbone is complete); strict=True
+    # wants every weight from the file, the head's included.
     assert type(auto_class.from_pretrained(tmp_path, num_labels=4)) is head_class
+    with pytest.raises(ValueError, match=r"weight\(s\) missing from the file: " + sorted(head_keys)[0]):
+        auto_class.from_pretrained(tmp_path, num_labels=4, strict=True)
 
 
 @pytest.mark.parametrize(("auto_class", "head_class", "head_keys"), HEADS, ids=HEAD_IDS)
@@ -178,6 +190,75 @@ def test_a_saved_head_reloads_bit_exact_and_its_folder_loads_the_backbone(auto_c
     assert type(backbone) is DDLModel
     with torch.no_grad():
         assert torch.equal(backbone(ids).last_hidden_state, model.model(ids).last_hidden_state)
+
+
+def test_a_classifier_loads_with_a_new_label_set_as_in_transformers(tmp_path):
+    """Issue 27: fine-tuning a classifier for another task. `num_labels` unlike the saved `id2label` replaces the
+    label map (as `PreTrainedConfig.from_dict` does for Llama); the `score` weight then differs in shape: the
+    RuntimeError of transformers without `ignore_mismatched_sizes`, a re-initialized head with it."""
+    names = {0: "negative", 1: "neutral", 2: "positive"}
+    saved = make_head(DDLForSequenceClassification, id2label=names, label2id={v: k for k, v in names.items()})
+    saved.save_pretrained(tmp_path)
+    saved_json = json.loads((tmp_path / "config.json").read_text())
+    # What transformers makes of the same label fields.
+    expected = LlamaConfig.from_dict({key: saved_json[key] for key in ("id2label", "label2id")}, num_labels=42)
+    assert expected.id2label == {i: f"LABEL_{i}" for i in range(42)}
+    for load_config in (DDLConfig.from_pretrained, AutoConfig.from_pretrained):
+        config = load_config(tmp_path, num_labels=42)
+        assert (config.num_labels, config.id2label, config.label2id) == (42, expected.id2label, expected.label2id)
+    with pytest.raises(RuntimeError, match=r"score\.weight: copying a param with shape \(3, 32\)"):
+        DDLForSequenceClassification.from_pretrained(tmp_path, num_labels=42)
+    for loader in (DDLForSequenceClassification, AutoModelForSequenceClassification):
+        model, info = loader.from_pretrained(
+            tmp_path, num_labels=42, ignore_mismatched_sizes=True, output_loading_info=True
+        )
+        assert type(model) is DDLForSequenceClassification
+        assert (model.config.num_labels, model.config.id2label) == (42, expected.id2label)
+        assert info["mismatched_keys"] == {("score.weight", torch.Size([3, 32]), torch.Size([42, 32]))}
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        backbone = model.model.state_dict()
+        assert all(torch.equal(backbone[key], value) for key, value in saved.model.state_dict().items())
+        assert abs(model.score.weight.std().item() - model.config.initializer_range) < 0.003  # re-initialized
+        assert model.eval()(random_tokens(2, 5, seed=3, low=1)).logits.shape == (2, 42)
+    # The saved number of labels keeps the saved names and head.
+    same = DDLForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    assert same.config.id2label == names and torch.equal(same.score.weight, saved.score.weight)
+    # Values that are no number of labels are still refused, naming the field and the file.
+    for bad in (0, 2.5, "4"):
+        with pytest.raises(ValueError, match=r"config\.json: DDLConfig\.num_labels must be an integer >= 1"):
+            DDLForSequenceClassification.from_pretrained(tmp_path, num_labels=bad)
+
+
+LLAMA_COUNTERPARTS = [
+    (DDLModel, LlamaModel),
+    (DDLForCausalLM, LlamaForCausalLM),
+    (DDLForSequenceClassification, LlamaForSequenceClassification),
+    (DDLForTokenClassification, LlamaForTokenClassification),
+    (DDLForQuestionAnswering, LlamaForQuestionAnswering),
+]
+
+
+@pytest.mark.parametrize(
+    ("ddl_class", "llama_class"), LLAMA_COUNTERPARTS, ids=[c.__name__ for c, _ in LLAMA_COUNTERPARTS]
+)
+def test_forward_signatures_name_the_arguments_llamas_do(ddl_class, llama_class):
+    """transformers' shared tests (`test_inputs_embeds`, ...) and `generate` read these signatures: `inputs_embeds`,
+    `cache` and `use_cache` must be named parameters, in Llama's order, not hidden in `**kwargs`."""
+    ours = list(inspect.signature(ddl_class.forward).parameters)
+    theirs = list(inspect.signature(llama_class.forward).parameters)
+    assert ours == theirs
+    if ddl_class is not DDLForCausalLM:
+        return
+    model = perturb(tiny_model("ddl-tc").eval(), 0.05, seed=2)
+    ids = random_tokens(2, 6, seed=4)
+    with torch.no_grad():
+        full = model(ids)
+        prefix = model(None, None, None, None, model.get_input_embeddings()(ids[:, :4]), None, True)
+        assert torch.equal(prefix.logits, full.logits[:, :4])
+        step = model(inputs_embeds=model.get_input_embeddings()(ids[:, 4:]), cache=prefix.cache, use_cache=True)
+        torch.testing.assert_close(step.logits, full.logits[:, 4:], rtol=0, atol=1e-5)
+        assert step.cache.get_seq_length() == 6
+        assert model(ids, use_cache=False).cache is None
 
 
 REMOTE_HEADS_SCRIPT = textwrap.dedent(

@@ -5,6 +5,7 @@ converter infers the variant and sizes from keys and shapes, and refuses what it
 """
 
 import json
+import math
 import re
 
 import pytest
@@ -17,6 +18,7 @@ from ddl_hf import cli
 from ddl_hf.reference_checkpoints import (
     from_reference_state_dict,
     read_reference_checkpoint,
+    rename_to_reference,
     to_reference_state_dict,
 )
 
@@ -105,8 +107,11 @@ def test_a_nanogpt_style_checkpoint_of_a_compiled_model_converts(tmp_path):
 
 
 def test_an_untied_head_and_a_bf16_checkpoint_carry_over_bit_for_bit():
+    # An untied file (their GPT cannot hold one, so export refuses it; a changed copy of their code could save one).
     model = trained_looking("ddl-scalar", tie_word_embeddings=False)
-    converted = from_reference_state_dict(to_reference_state_dict(model))
+    untied = {key: tensor.detach().clone() for key, tensor in rename_to_reference(model.state_dict()).items()}
+    assert not torch.equal(untied["lm_head.weight"], untied["transformer.wte.weight"])
+    converted = from_reference_state_dict(untied)
     assert converted.config.tie_word_embeddings is False
     input_ids = random_tokens(1, 7, seed=6)
     assert torch.equal(logits_of(converted, input_ids), logits_of(model, input_ids))
@@ -206,3 +211,60 @@ def test_export_refuses_a_model_the_authors_code_cannot_represent(tmp_path, caps
     assert cli.main(["export-reference", str(tmp_path / "free"), str(tmp_path / "theirs.pt")]) == 2
     assert "compressor_form='free' cannot be exported" in capsys.readouterr().err
     assert not (tmp_path / "theirs.pt").exists()
+
+
+def test_export_refuses_an_untied_head_which_their_gpt_would_load_as_the_embeddings(tmp_path, capsys):
+    """Their GPT ties `lm_head` to `wte` when it is built, so a strict `load_state_dict` of a file with two different
+    tensors makes the embeddings the head: the logits of an exported untied model would be far off, silently."""
+    with pytest.raises(ValueError, match=re.escape("DDLConfig.tie_word_embeddings=False cannot be exported")):
+        to_reference_state_dict(trained_looking("ddl-scalar", tie_word_embeddings=False))
+    trained_looking("ddl-cc", tie_word_embeddings=False).save_pretrained(tmp_path / "untied")
+    assert cli.main(["export-reference", str(tmp_path / "untied"), str(tmp_path / "theirs.safetensors")]) == 2
+    message = capsys.readouterr().err
+    assert "tie_word_embeddings=False cannot be exported" in message and "lm_head" in message
+    assert not (tmp_path / "theirs.safetensors").exists()
+    # Why: a module tied as theirs is (one Parameter behind `transformer.wte` and `lm_head`) loads such a file
+    # strictly and without a word, and keeps the head in both places.
+    theirs = rename_to_reference(trained_looking("ddl-scalar", tie_word_embeddings=False).state_dict())
+    vocab, hidden = theirs["transformer.wte.weight"].shape
+    tied = torch.nn.Module()
+    tied.transformer = torch.nn.ModuleDict({"wte": torch.nn.Embedding(vocab, hidden)})
+    tied.lm_head = torch.nn.Linear(hidden, vocab, bias=False)
+    tied.lm_head.weight = tied.transformer.wte.weight
+    tied.load_state_dict({key: theirs[key] for key in ("transformer.wte.weight", "lm_head.weight")}, strict=True)
+    assert torch.equal(tied.transformer.wte.weight, theirs["lm_head.weight"])
+    assert not torch.equal(tied.transformer.wte.weight, theirs["transformer.wte.weight"])
+
+
+def test_k_eps_form_accelerated_scales_the_guard_by_sqrt_d_and_plain_stays_the_default(tmp_path, capsys):
+    """Their Triton file guards k = h / sqrt(|h|^2 + d k_eps^2) and saves the keys of their plain CC-EC file:
+    `--k_eps_form accelerated` writes k_eps = sqrt(d) k_eps (their fixture on a probe: `test_authors_model.py`)."""
+    model = trained_looking("ddl-cc")
+    save_file(to_reference_state_dict(model), tmp_path / "theirs.safetensors")
+    d = model.config.hidden_size
+
+    def converted_k_eps(folder, *options):
+        argv = ["convert-reference", str(tmp_path / "theirs.safetensors"), str(tmp_path / folder), *options]
+        assert cli.main(argv) == 0
+        return json.loads((tmp_path / folder / "config.json").read_text())["k_eps"]
+
+    assert converted_k_eps("default") == 1e-5
+    assert converted_k_eps("plain", "--k_eps_form", "plain") == 1e-5
+    assert converted_k_eps("accelerated", "--k_eps_form", "accelerated") == pytest.approx(math.sqrt(d) * 1e-5)
+    # Their `ddl_k_eps`, when it was not their default, is what gets scaled.
+    overrides = ["--config_overrides", "k_eps=3e-5"]
+    assert converted_k_eps("both", "--k_eps_form", "accelerated", *overrides) == pytest.approx(math.sqrt(d) * 3e-5)
+    input_ids = random_tokens(1, 7, seed=6)
+    accelerated = AutoModelForCausalLM.from_pretrained(tmp_path / "accelerated")
+    assert torch.allclose(logits_of(accelerated, input_ids), logits_of(model, input_ids), atol=1e-5)
+
+    # Their Triton file has only the CC-EC model; other keys with that form are refused.
+    theirs = to_reference_state_dict(trained_looking("ddl-tc"))
+    with pytest.raises(ValueError, match="--k_eps_form accelerated: their accelerated file"):
+        from_reference_state_dict(theirs, k_eps_form="accelerated")
+    with pytest.raises(ValueError, match="k_eps_form must be one of"):
+        from_reference_state_dict(theirs, k_eps_form="triton")
+    argv = ["convert-reference", str(tmp_path / "theirs.safetensors"), str(tmp_path / "bad"), "--k_eps_form", "fast"]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert "invalid choice: 'fast'" in capsys.readouterr().err

@@ -20,7 +20,9 @@ Measurements (tokens are batch_size x seq_len per forward unless said otherwise)
   allocator noise that the resident set size carries (malloc caching and fragmentation).
 - activations: bytes of the distinct tensors autograd saves for backward in one training
   forward (weights excluded), counted with `torch.autograd.graph.saved_tensors_hooks`. This
-  is exact and free of allocator noise.
+  is exact and free of allocator noise. With `--compile` it is the compiled model's forward:
+  the tensors its graph saves, which AOTAutograd's partitioner chooses (it recomputes some
+  intermediates in backward instead), so the figure differs from the eager one.
 
 Each figure is also given as a ratio to `baseline` (added to `--variants` when missing).
 `--reference` runs the plain reference implementations of `delta_ops` instead of the fast
@@ -218,7 +220,10 @@ class Workload:
         return seconds
 
     def activation_bytes(self) -> int:
-        """Bytes of the distinct non-parameter tensors saved for backward by one training forward."""
+        """Bytes of the distinct non-parameter tensors saved for backward by one training forward of the model as
+        the training step runs it: compiled, the tensors the compiled graph saves (AOTAutograd's partitioner picks
+        them and may recompute others in backward); its runtime saves them through autograd, so the hooks see them.
+        """
         parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         storages: dict[int, int] = {}
 
@@ -230,7 +235,7 @@ class Workload:
 
         self.model.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+            loss = self.forward(input_ids=self.input_ids, labels=self.input_ids).loss
         del loss
         return sum(storages.values())
 

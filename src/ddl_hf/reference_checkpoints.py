@@ -1,6 +1,7 @@
 """Checkpoints of the authors' reference code, in and out: `ddl convert-reference` and `ddl export-reference`.
 
     ddl convert-reference ckpt.pt OUTPUT_DIR [--config_overrides FIELD=VALUE,...] [--ignore_keys REGEX ...]
+                                             [--k_eps_form plain|accelerated]
     ddl export-reference MODEL_DIR weights.safetensors     (or weights.pt)
 
 The authors' models (arXiv 2601.00417, their GPT-style classes) are saved as a state dict with their own key
@@ -30,7 +31,9 @@ authors' form of every field (`DDLConfig` defaults: QK-norm after RoPE, factored
 (torch.compile) or `module.` (DDP) prefix on every key is dropped. What the keys cannot tell (a write-only
 model, `max_position_embeddings`, `rope_parameters`, ...) comes from `--config_overrides`. A key that maps
 to nothing, a weight the model needs that the file lacks, or a shape that does not fit is refused with the
-keys named; `--ignore_keys` skips buffers that hold no weights (say a saved causal-mask buffer).
+keys named; `--ignore_keys` skips buffers that hold no weights (say a saved causal-mask buffer). Their Triton file
+(`DDL-gpt-mha-rope-CC-EC-accelerated.py`) saves the keys of their plain CC-EC file but guards the direction with
+sqrt(d) k_eps: `--k_eps_form accelerated` converts its checkpoints (`K_EPS_FORMS`).
 
 `export-reference` writes a ddl_hf model in the authors' naming; it refuses a model that their code cannot
 represent, naming the field (the round trip is exact: `tests/test_reference_checkpoints.py`).
@@ -39,6 +42,7 @@ represent, naming the field (the round trip is exact: `tests/test_reference_chec
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -95,6 +99,14 @@ AUTHORS_FIELD_VALUES = {
     "hidden_act": "silu",
 }
 
+# The two forms of the direction guard in the authors' files, which save the same keys: their plain files (and
+# ddl_hf) normalize k = h / sqrt(|h|^2 + k_eps^2); their Triton file scales the guard by sqrt(d),
+# k = h / sqrt(|h|^2 + d k_eps^2), which is the plain form with k_eps' = sqrt(d) k_eps.
+K_EPS_FORMS = {
+    "plain": "h / sqrt(|h|^2 + k_eps^2): DDL-vdim1-gpt-mha-rope.py, DDL-gpt-mha-rope[-EC|-CC|-CC-EC].py",
+    "accelerated": "h / sqrt(|h|^2 + d k_eps^2): DDL-gpt-mha-rope-CC-EC-accelerated.py (Triton)",
+}
+
 
 # --------------------------------------------------------------------------- names
 def reference_name(name: str) -> str:
@@ -144,6 +156,12 @@ def check_exportable(config: DDLConfig) -> None:
         raise ValueError(
             "DDLConfig.residual_mode='write_only' cannot be exported: the authors' code has no write-only model "
             "(its keys would load there as the delta model)"
+        )
+    if not config.tie_word_embeddings:
+        raise ValueError(
+            "DDLConfig.tie_word_embeddings=False cannot be exported: the authors' GPT ties lm_head to "
+            "transformer.wte when it is built, so a strict load of an untied head there silently replaces the "
+            "embeddings with it"
         )
     for field, value in AUTHORS_FIELD_VALUES.items():
         if getattr(config, field) != value:
@@ -215,9 +233,13 @@ def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
     return tuple(state_dict[key].shape)
 
 
-def config_from_reference(state_dict: Mapping[str, torch.Tensor], **overrides) -> DDLConfig:
+def config_from_reference(state_dict: Mapping[str, torch.Tensor], k_eps_form: str = "plain", **overrides) -> DDLConfig:
     """The `DDLConfig` of an authors' state dict (normalized keys), from its keys and shapes; `overrides` set the
-    fields the keys cannot tell (a ValueError names any inferred field they contradict, like `value_channels`)."""
+    fields the keys cannot tell (a ValueError names any inferred field they contradict, like `value_channels`).
+    `k_eps_form`: which of their files saved it (`K_EPS_FORMS`); "accelerated" sets `k_eps` to sqrt(d) times
+    their `ddl_k_eps` (the `k_eps` override, else their default 1e-5)."""
+    if k_eps_form not in K_EPS_FORMS:
+        raise ValueError(f"k_eps_form must be one of {list(K_EPS_FORMS)}, got {k_eps_form!r}")
     vocab_size, hidden_size = _shape(state_dict, "transformer.wte.weight")
     blocks = sorted({int(m.group(1)) for key in state_dict if (m := re.match(r"transformer\.h\.(\d+)\.", key))})
     if not blocks:
@@ -276,18 +298,28 @@ def config_from_reference(state_dict: Mapping[str, torch.Tensor], **overrides) -
     if contradicted:
         found = {field: inferred[field] for field in contradicted}
         raise ValueError(f"--config_overrides contradicts what the checkpoint's keys and shapes give: {found}")
+    if k_eps_form == "accelerated":
+        if (inferred.get("state_compressor"), inferred.get("embed_expansion")) != ("channel", "conv"):
+            raise ValueError(
+                "--k_eps_form accelerated: their accelerated file (DDL-gpt-mha-rope-CC-EC-accelerated.py) builds only "
+                "the CC model with EC (keys 'transformer.h.0.compress.weight' and 'input_embed.conv.weight'); this "
+                "checkpoint's keys give another model"
+            )
+        their_k_eps = overrides.get("k_eps", AUTHORS_FIELD_VALUES["k_eps"])
+        overrides = {**overrides, "k_eps": math.sqrt(hidden_size) * their_k_eps}
     return DDLConfig(**{**inferred, **overrides})
 
 
 def from_reference_state_dict(
-    state_dict: Mapping[str, torch.Tensor], ignore_keys: tuple[str, ...] = (), **overrides
+    state_dict: Mapping[str, torch.Tensor], ignore_keys: tuple[str, ...] = (), k_eps_form: str = "plain", **overrides
 ) -> DDLForCausalLM:
     """A ddl_hf causal LM with the weights of an authors' state dict. `ignore_keys`: regular expressions of keys
-    to skip (buffers without weights). Raises ValueError naming unmapped, missing or misshapen keys."""
+    to skip (buffers without weights); `k_eps_form`: "plain" or "accelerated", which of their files saved it
+    (`K_EPS_FORMS`, `config_from_reference`). Raises ValueError naming unmapped, missing or misshapen keys."""
     state_dict = normalize_reference_keys(state_dict)
     ignored = [key for key in state_dict if any(re.fullmatch(pattern, key) for pattern in ignore_keys)]
     state_dict = {key: value for key, value in state_dict.items() if key not in ignored}
-    config = config_from_reference(state_dict, **overrides)
+    config = config_from_reference(state_dict, k_eps_form, **overrides)
     model = DDLForCausalLM(config)
     expected = model.state_dict()
     wanted = {name: reference_name(name) for name in expected}
@@ -346,12 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ignore_keys", nargs="+", default=[], help="regular expressions of checkpoint keys to skip (buffers)"
     )
+    parser.add_argument(
+        "--k_eps_form",
+        choices=list(K_EPS_FORMS),
+        default="plain",
+        help="which of the authors' files saved the checkpoint (both save the same keys), for the guard of "
+        "k = h / sqrt(|h|^2 + eps^2): 'plain' (default; their non-Triton files, eps = k_eps) or 'accelerated' "
+        "(DDL-gpt-mha-rope-CC-EC-accelerated.py, eps = sqrt(d) k_eps, written as k_eps in the config)",
+    )
     args = parser.parse_args(argv)
     from .train import parse_config_overrides
 
     _check_output_dir(args.output_dir)
     overrides = parse_config_overrides(args.config_overrides or "")
-    model = from_reference_state_dict(read_reference_checkpoint(args.checkpoint), tuple(args.ignore_keys), **overrides)
+    checkpoint = read_reference_checkpoint(args.checkpoint)
+    model = from_reference_state_dict(checkpoint, tuple(args.ignore_keys), args.k_eps_form, **overrides)
     model.save_pretrained(args.output_dir)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     print(f"ddl convert-reference: {model.config.variant_name}, {parameters:,} parameters -> {args.output_dir}")

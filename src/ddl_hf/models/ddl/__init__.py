@@ -5,7 +5,7 @@
 - `modeling_ddl_heads.py`: the sequence-classification, token-classification and question-answering heads.
 - `modeling_outputs_ddl.py`: the output dataclasses and the initial-state / state-read options.
 - `input_checks.py`: shape and value checks of the model inputs and labels (no host synchronisation).
-- `checkpoint_checks.py`: the loading rule (config and weights must agree, nothing silently missing).
+- `checkpoint_checks.py`: what loading refuses or names in a warning (nothing silently missing; `strict=True`).
 - `delta_layers.py`: `DeltaShortcut`, `StateCompressor`, `EmbedExpansion`, the causal convolution.
 - `delta_ops.py`: the Delta arithmetic as plain references and fused fast paths.
 - `model_card.py`: the README.md written next to a saved checkpoint.

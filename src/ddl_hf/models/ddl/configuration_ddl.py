@@ -133,14 +133,38 @@ CONSTRUCTOR_KEYWORDS = (
 )
 
 
-def _check_choice(field: str, value, allowed: tuple[str, ...]) -> None:
+# The checks of `DDLConfig`'s fields and of the standalone modules' arguments (`DeltaShortcut`, `StateCompressor`,
+# `EmbedExpansion`): `name` is what the message calls the value ("DDLConfig.residual_mode", "StateCompressor kind").
+def check_choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    """A ValueError naming `name` and listing `allowed` unless `value` is one of them."""
     if value not in allowed:
-        raise ValueError(f"DDLConfig.{field} must be one of {list(allowed)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """A ValueError unless `value` is an int (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_float(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
+    """A ValueError unless `value` is a finite number in [low, high] ((low, ...] with `low_open`; no upper bound
+    when `high` is None)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = is_number and math.isfinite(value) and (value > low if low_open else value >= low)
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bound = ("(" if low_open else "[") + f"{low}, " + ("inf)" if high is None else f"{high}]")
+        raise ValueError(f"{name} must be a finite number in {bound}, got {value!r}")
+
+
+def _check_choice(field: str, value, allowed: tuple[str, ...]) -> None:
+    check_choice(f"DDLConfig.{field}", value, allowed)
 
 
 def _check_int(field: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"DDLConfig.{field} must be an integer >= {minimum}, got {value!r}")
+    check_int(f"DDLConfig.{field}", value, minimum)
 
 
 def _check_bool(field: str, value) -> None:
@@ -177,13 +201,7 @@ def _check_label_map(field: str, value, key_type: type, value_type: type) -> Non
 
 
 def _check_float(field: str, value, low: float, high: float | None = None, low_open: bool = False) -> None:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = is_number and math.isfinite(value) and (value > low if low_open else value >= low)
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        bound = ("(" if low_open else "[") + f"{low}, " + ("inf)" if high is None else f"{high}]")
-        raise ValueError(f"DDLConfig.{field} must be a finite number in {bound}, got {value!r}")
+    check_float(f"DDLConfig.{field}", value, low, high, low_open)
 
 
 class DDLConfig(PreTrainedConfig):
@@ -264,10 +282,17 @@ class DDLConfig(PreTrainedConfig):
     # DDL parts (DeltaShortcut, StateCompressor, EmbedExpansion) and the norms stay replicated, since they act
     # on the full (d, d_v) state. transformers adds `embed_tokens` (sharded on the vocabulary) and
     # `DDLForCausalLM._tp_plan` the LM head, which a tied head shares.
+    # A replicated parameter's gradient is whole on every rank when the activation it acts on is replicated (every
+    # one above: the state, the compressor reads, the normalized contexts, the all-reduced sublayer outputs h);
+    # the QK-norm gains alone act on sharded activations (each rank's own heads, between the colwise q/k and the
+    # rowwise o_proj), so each rank would hold only its heads' part of their gradient: those gradients are summed
+    # over the ranks, as Qwen3's plan does. (Without `use_qk_norm` the two rules match nothing: a warning.)
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.o_proj": "rowwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
@@ -422,7 +447,9 @@ class DDLConfig(PreTrainedConfig):
         _check_label_map("label2id", self.label2id, str, int)
         if num_labels is not None:
             _check_int("num_labels", num_labels, 1)
-            # transformers only logs this and keeps id2label, silently ignoring num_labels.
+            # Given together to the constructor, the two contradict each other: transformers' constructor only logs
+            # this and keeps id2label, silently ignoring num_labels. (`from_pretrained(..., num_labels=n)` on a saved
+            # label map is another matter: a new label set, which `from_dict` gives as transformers does.)
             if self.id2label is not None and len(self.id2label) != num_labels:
                 raise ValueError(
                     f"DDLConfig.num_labels ({num_labels}) must equal the number of labels in id2label "
@@ -546,8 +573,17 @@ class DDLConfig(PreTrainedConfig):
         """`PreTrainedConfig.from_dict`. When the dict was read from a checkpoint (`from_pretrained` and
         `AutoConfig` pass its `name_or_path`), an invalid field raises a ValueError naming its config.json.
         A dict saved before `qk_norm_position`, `compressor_form` and `init_scheme` existed gets their
-        `LEGACY_FIELD_VALUES`: the model it describes."""
+        `LEGACY_FIELD_VALUES`: the model it describes.
+
+        A `num_labels` keyword unlike the saved `id2label` (`from_pretrained(classifier, num_labels=n)`, how a
+        classifier is fine-tuned for another task) replaces the saved label map by n generic labels, as
+        transformers does (its `from_dict` sets `num_labels` after construction); the task head's weights then
+        differ in shape, which `ignore_mismatched_sizes=True` re-initializes."""
         config_dict = {**LEGACY_FIELD_VALUES, **config_dict}
+        num_labels = kwargs.get("num_labels")
+        saved_labels = config_dict.get("id2label")
+        if num_labels is not None and isinstance(saved_labels, dict) and len(saved_labels) != num_labels:
+            config_dict = {key: value for key, value in config_dict.items() if key not in ("id2label", "label2id")}
         try:
             return super().from_dict(config_dict, **kwargs)
         except ValueError as error:

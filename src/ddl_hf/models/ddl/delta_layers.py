@@ -21,12 +21,26 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
-from .configuration_ddl import ConvStateSlot, DDLConfig
+from .configuration_ddl import (
+    COMPRESSOR_FORMS,
+    EMBED_EXPANSIONS,
+    INIT_SCHEMES,
+    RESIDUAL_MODES,
+    STATE_COMPRESSORS,
+    VALUE_ACTIVATIONS,
+    VALUE_INPUTS,
+    ConvStateSlot,
+    DDLConfig,
+    check_choice,
+    check_float,
+    check_int,
+)
 from .delta_ops import (
     channel_compress,
     channel_compress_after_write,
     channel_read_after_write,
     delta_update,
+    document_tap_mask,
     token_compress,
     token_compress_after_write,
     token_conv,
@@ -112,10 +126,17 @@ class DeltaShortcut(nn.Module):
         init_scheme: str = "authors",
     ) -> None:
         super().__init__()
-        if mode not in ("delta", "write_only"):
-            raise ValueError(f"DeltaShortcut mode must be one of ['delta', 'write_only'], got {mode!r}")
-        if init_scheme not in ("authors", "neutral"):
-            raise ValueError(f"DeltaShortcut init_scheme must be one of ['authors', 'neutral'], got {init_scheme!r}")
+        # The checks of the matching `DDLConfig` fields; "additive" is a model without shortcuts.
+        check_int("DeltaShortcut hidden_size", hidden_size, 1)
+        check_int("DeltaShortcut value_channels", value_channels, 1)
+        check_choice("DeltaShortcut mode", mode, tuple(name for name in RESIDUAL_MODES if name != "additive"))
+        check_float("DeltaShortcut beta_init", beta_init, 0.0, 2.0)
+        check_int("DeltaShortcut gate_hidden_size", gate_hidden_size, 0)
+        check_float("DeltaShortcut k_eps", k_eps, 0.0, low_open=True)
+        check_choice("DeltaShortcut value_input", value_input, VALUE_INPUTS)
+        check_choice("DeltaShortcut value_activation", value_activation, VALUE_ACTIVATIONS)
+        check_float("DeltaShortcut value_scale", value_scale, 0.0, low_open=True)
+        check_choice("DeltaShortcut init_scheme", init_scheme, INIT_SCHEMES)
         self.hidden_size = hidden_size
         self.value_channels = value_channels
         self.erase = mode == "delta"
@@ -226,6 +247,7 @@ class DeltaShortcut(nn.Module):
         cache: Cache | None = None,
         state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
+        document_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new state and `compressor`'s read of it, for the next sublayer. (B, T, d_v * d), (B, T, d).
 
@@ -235,7 +257,9 @@ class DeltaShortcut(nn.Module):
         state need not be kept for backward.
         """
         new_state, write = self(state, h, context, block_input, return_write=True)
-        read = compressor.read_after_write(block_input, h, write, new_state, cache, state_idx, padding_mask)
+        read = compressor.read_after_write(
+            block_input, h, write, new_state, cache, state_idx, padding_mask, document_positions
+        )
         return new_state, read
 
     def extra_repr(self) -> str:
@@ -255,6 +279,7 @@ def causal_depthwise_conv(
     padding_mask: torch.Tensor | None = None,
     use_fast_path: bool = True,
     read_weight: torch.Tensor | None = None,
+    document_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal depthwise convolution over tokens, with its last inputs kept in a hybrid cache.
 
@@ -270,14 +295,27 @@ def causal_depthwise_conv(
         read_weight: (d, d_v) or None. Given, x is the value-major state (B, T, d_v * d) and the
             filtered channels are read by a channel compressor (`delta_ops.token_compress`): the
             token compressor.
+        document_positions: (B, T) long or None: each token's index in its document (0 at a document
+            start), for rows that pack several documents; no tap then reads across a document start
+            (`delta_ops.document_tap_mask`). Only without a cache (packed rows are a training layout).
 
     Returns:
         (B, T, C_out), or (B, T, d) with `read_weight`.
     """
     x, padding = _conv_inputs(x, weight.shape[-1], cache, layer_idx, state_idx, padding_mask)
+    tap_mask = _tap_mask(document_positions, weight.shape[-1], cache)
     if read_weight is not None:
-        return token_compress(x, weight, read_weight, padding, use_fast_path=use_fast_path)
-    return token_conv(x, weight, padding, use_fast_path=use_fast_path)
+        return token_compress(x, weight, read_weight, padding, use_fast_path=use_fast_path, tap_mask=tap_mask)
+    return token_conv(x, weight, padding, use_fast_path=use_fast_path, tap_mask=tap_mask)
+
+
+def _tap_mask(document_positions: torch.Tensor | None, kernel_size: int, cache: Cache | None) -> torch.Tensor | None:
+    """The (B, T, K) taps that stay inside each token's document, or None when rows hold one document."""
+    if document_positions is None:
+        return None
+    if cache is not None:
+        raise ValueError("document_positions (packed documents) cannot be combined with a cache")
+    return document_tap_mask(document_positions, kernel_size)
 
 
 def _conv_inputs(
@@ -328,8 +366,14 @@ class _StateModule(nn.Module):
     """What `StateCompressor` and `EmbedExpansion` share: the (d, d_v) state shape, the `kind`, the
     fast-path flag, and optional causal token filters `conv_weight` (d * d_v, 1, K), identity at init."""
 
-    def __init__(self, hidden_size: int, value_channels: int, kind: str, use_fast_path: bool) -> None:
+    def __init__(
+        self, hidden_size: int, value_channels: int, kind: str, kinds: tuple[str, ...], use_fast_path: bool
+    ) -> None:
         super().__init__()
+        owner = type(self).__name__
+        check_int(f"{owner} hidden_size", hidden_size, 1)
+        check_int(f"{owner} value_channels", value_channels, 1)
+        check_choice(f"{owner} kind", kind, kinds)
         self.hidden_size = hidden_size
         self.value_channels = value_channels
         self.kind = kind
@@ -384,11 +428,12 @@ class StateCompressor(_StateModule):
         channel_kernel_size: int = 4,
         init_scheme: str = "authors",
     ) -> None:
-        super().__init__(hidden_size, value_channels, kind, use_fast_path)
-        if form not in ("factored", "free"):
-            raise ValueError(f"StateCompressor form must be one of ['factored', 'free'], got {form!r}")
-        if init_scheme not in ("authors", "neutral"):
-            raise ValueError(f"StateCompressor init_scheme must be one of ['authors', 'neutral'], got {init_scheme!r}")
+        super().__init__(hidden_size, value_channels, kind, STATE_COMPRESSORS, use_fast_path)
+        check_int("StateCompressor conv_size", conv_size, 1)
+        check_int("StateCompressor cache_layer_idx", cache_layer_idx, 0)
+        check_choice("StateCompressor form", form, COMPRESSOR_FORMS)
+        check_int("StateCompressor channel_kernel_size", channel_kernel_size, 1)
+        check_choice("StateCompressor init_scheme", init_scheme, INIT_SCHEMES)
         self.cache_layer_idx = cache_layer_idx
         self.form = form
         self.init_scheme = init_scheme
@@ -452,9 +497,11 @@ class StateCompressor(_StateModule):
         cache: Cache | None = None,
         state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
+        document_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`state` (B, T, d_v * d) -> (B, T, d); a token compressor keeps its inputs as conv state `state_idx`
-        of `cache.layers[cache_layer_idx]` (`DDLConfig.conv_state_index`)."""
+        of `cache.layers[cache_layer_idx]` (`DDLConfig.conv_state_index`). `padding_mask` and
+        `document_positions` as in `causal_depthwise_conv`."""
         if self.conv_weight is not None:
             return causal_depthwise_conv(
                 state,
@@ -465,6 +512,7 @@ class StateCompressor(_StateModule):
                 padding_mask,
                 use_fast_path=self.use_fast_path,
                 read_weight=self.read_matrix(),
+                document_positions=document_positions,
             )
         matrix = state_matrix(state, self.hidden_size, self.value_channels)
         return channel_compress(matrix, self.read_matrix(), use_fast_path=self.use_fast_path)
@@ -478,6 +526,7 @@ class StateCompressor(_StateModule):
         cache: Cache | None = None,
         state_idx: int = 0,
         padding_mask: torch.Tensor | None = None,
+        document_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The compressor's read of `state + h write^T` from its read of `state` (`self(state, ...)`).
 
@@ -488,7 +537,8 @@ class StateCompressor(_StateModule):
 
         `new_state` (B, T, d_v * d) is what the reference path reads (the plain definition). A token
         compressor needs it: it stores its last inputs in `cache` (conv state `state_idx`), and while
-        decoding (the cache holds earlier inputs) it reads the new state with them.
+        decoding (the cache holds earlier inputs) it reads the new state with them, and with packed
+        documents (`document_positions`) it reads the new state through the masked taps.
         """
         if self.conv_weight is None:
             if new_state is None:
@@ -501,8 +551,12 @@ class StateCompressor(_StateModule):
             raise ValueError("StateCompressor.read_after_write with kind='token' needs `new_state`")
         kernel_size = self.conv_weight.shape[-1]
         x, padding = _conv_inputs(new_state, kernel_size, cache, self.cache_layer_idx, state_idx, padding_mask)
-        if padding < kernel_size - 1:  # decoding: the window starts with earlier tokens' inputs
-            return token_compress(x, self.conv_weight, self.read_matrix(), padding, use_fast_path=self.use_fast_path)
+        tap_mask = _tap_mask(document_positions, kernel_size, cache)
+        # Decoding (the window starts with earlier tokens' inputs) and packed documents read the new state.
+        if padding < kernel_size - 1 or tap_mask is not None:
+            return token_compress(
+                x, self.conv_weight, self.read_matrix(), padding, use_fast_path=self.use_fast_path, tap_mask=tap_mask
+            )
         if padding_mask is not None:  # masked tokens write nothing, as their state reads as zero
             write = write.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
         return token_compress_after_write(
@@ -527,20 +581,34 @@ class EmbedExpansion(_StateModule):
         state_idx: int = 0,
         use_fast_path: bool = True,
     ) -> None:
-        super().__init__(hidden_size, value_channels, kind, use_fast_path)
+        super().__init__(hidden_size, value_channels, kind, EMBED_EXPANSIONS, use_fast_path)
+        check_int("EmbedExpansion conv_size", conv_size, 1)
+        check_int("EmbedExpansion state_idx", state_idx, 0)
         self.state_idx = state_idx
         self._register_filters(kind == "conv", conv_size)
         self.reset_parameters()
 
     def forward(
-        self, embeddings: torch.Tensor, cache: Cache | None = None, padding_mask: torch.Tensor | None = None
+        self,
+        embeddings: torch.Tensor,
+        cache: Cache | None = None,
+        padding_mask: torch.Tensor | None = None,
+        document_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d_v * d); `padding_mask` and `document_positions` as in `causal_depthwise_conv`."""
         if self.conv_weight is None:
             return embeddings.repeat(*(1,) * (embeddings.dim() - 1), self.value_channels)
         # The convolution's output channels come feature major (group i's d_v outputs side by side): one copy
         # to the value-major layout, once per forward.
         expanded = causal_depthwise_conv(
-            embeddings, self.conv_weight, cache, 0, self.state_idx, padding_mask, use_fast_path=self.use_fast_path
+            embeddings,
+            self.conv_weight,
+            cache,
+            0,
+            self.state_idx,
+            padding_mask,
+            use_fast_path=self.use_fast_path,
+            document_positions=document_positions,
         )
         return flat_state(expanded.unflatten(-1, (self.hidden_size, self.value_channels)))
 

@@ -431,11 +431,33 @@ def channel_compress_after_write(
 
 
 # --------------------------------------------------------------------------- token convolutions
-def token_conv_reference(x: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
-    """Plain reference of `token_conv`: pad, transpose to (B, C, T) and run `F.conv1d`."""
+def document_tap_mask(document_positions: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Which taps of a causal convolution stay inside each token's document: (B, T) -> (B, T, K) bool.
+
+    `document_positions[b, t]` is token t's index in its document (0 where a document starts, as in a packed
+    row; `DDLModel.forward` derives it from `position_ids`). Tap k reads the token K - 1 - k steps back, which
+    lies in the same document iff that many steps do not exceed the token's index.
+    """
+    lags = torch.arange(kernel_size - 1, -1, -1, device=document_positions.device)
+    return document_positions.unsqueeze(-1) >= lags
+
+
+def token_conv_reference(
+    x: torch.Tensor, weight: torch.Tensor, padding: int = 0, tap_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain reference of `token_conv`: pad, transpose to (B, C, T) and run `F.conv1d`; with a `tap_mask`, one
+    single-tap convolution per tap, each kept where the mask allows."""
     groups = x.shape[-1] // weight.shape[1]
-    x = F.pad(x, (0, 0, padding, 0))
-    return F.conv1d(x.transpose(1, 2), weight, groups=groups).transpose(1, 2)
+    x = F.pad(x, (0, 0, padding, 0)).transpose(1, 2)
+    if tap_mask is None:
+        return F.conv1d(x, weight, groups=groups).transpose(1, 2)
+    kernel = weight.shape[-1]
+    tokens = x.shape[-1] - kernel + 1
+    out = 0
+    for k in range(kernel):
+        tap = F.conv1d(x[..., k : k + tokens], weight[..., k : k + 1], groups=groups).transpose(1, 2)
+        out = out + tap * tap_mask[..., k : k + 1]
+    return out
 
 
 # At most this many output tokens (batch x time), `token_conv` multiplies the windows directly: a
@@ -443,10 +465,15 @@ def token_conv_reference(x: torch.Tensor, weight: torch.Tensor, padding: int = 0
 _FEW_TOKENS = 16
 
 
-def _few_token_conv(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Valid grouped convolution over tokens as one product of the sliding windows: (B, T', C_in) -> (B, T, C_out)."""
+def _few_token_conv(
+    x: torch.Tensor, weight: torch.Tensor, groups: int, tap_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Valid grouped convolution over tokens as one product of the sliding windows: (B, T', C_in) -> (B, T, C_out);
+    `tap_mask` (B, T, K) drops the taps where it is False."""
     kernel = weight.shape[-1]
     windows = x.unfold(1, kernel, 1)  # (B, T, C_in, K)
+    if tap_mask is not None:
+        windows = windows * tap_mask.unsqueeze(2)
     batch, tokens = windows.shape[:2]
     per_group_in, per_group_out = weight.shape[1], weight.shape[0] // groups
     windows = windows.reshape(batch, tokens, groups, per_group_in, kernel)
@@ -454,7 +481,13 @@ def _few_token_conv(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch
     return out.reshape(batch, tokens, groups * per_group_out)
 
 
-def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0, use_fast_path: bool = True) -> torch.Tensor:
+def token_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    padding: int = 0,
+    use_fast_path: bool = True,
+    tap_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Grouped causal convolution over tokens, on token-major tensors.
 
     Args:
@@ -463,6 +496,9 @@ def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0, use_fast
             reads the inputs of group o // (C_out / groups), as in `F.conv1d`.
         padding: zero tokens assumed before x (at most K - 1); the first K - 1 - padding tokens
             of x are left context only.
+        tap_mask: (B, T', K) bool or None; False drops tap k of output t (which reads input
+            t + k - padding): packed documents (`document_tap_mask`). The fast path then multiplies
+            the masked windows, as for a few tokens.
 
     Returns:
         (B, T_in + padding - K + 1, C_out).
@@ -473,10 +509,10 @@ def token_conv(x: torch.Tensor, weight: torch.Tensor, padding: int = 0, use_fast
     the outputs of the right padding. The reference transposes to (B, C, T).
     """
     if not _fast(use_fast_path):
-        return token_conv_reference(x, weight, padding)
+        return token_conv_reference(x, weight, padding, tap_mask)
     groups = x.shape[-1] // weight.shape[1]
-    if x.shape[0] * (x.shape[1] + padding - weight.shape[-1] + 1) <= _FEW_TOKENS:
-        return _few_token_conv(F.pad(x, (0, 0, padding, 0)) if padding else x, weight, groups)
+    if tap_mask is not None or x.shape[0] * (x.shape[1] + padding - weight.shape[-1] + 1) <= _FEW_TOKENS:
+        return _few_token_conv(F.pad(x, (0, 0, padding, 0)) if padding else x, weight, groups, tap_mask)
     pad_input = padding > 0 and x.shape[-1] <= weight.shape[0]
     if pad_input:
         x = F.pad(x, (0, 0, padding, 0))
@@ -497,11 +533,15 @@ def _feature_major(x: torch.Tensor, d: int, d_v: int) -> torch.Tensor:
 
 
 def token_compress_reference(
-    x: torch.Tensor, conv_weight: torch.Tensor, read_weight: torch.Tensor, padding: int = 0
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    read_weight: torch.Tensor,
+    padding: int = 0,
+    tap_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain reference of `token_compress`: filter every channel over tokens, then the channel read."""
     d, d_v = read_weight.shape
-    filtered = token_conv_reference(_feature_major(x, d, d_v), conv_weight, padding)
+    filtered = token_conv_reference(_feature_major(x, d, d_v), conv_weight, padding, tap_mask)
     return channel_compress_reference(filtered.unflatten(-1, (d, d_v)), read_weight)
 
 
@@ -607,7 +647,12 @@ def _folded_taps(conv_weight: torch.Tensor, read_weight: torch.Tensor) -> torch.
 
 
 def token_compress(
-    x: torch.Tensor, conv_weight: torch.Tensor, read_weight: torch.Tensor, padding: int = 0, use_fast_path: bool = True
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    read_weight: torch.Tensor,
+    padding: int = 0,
+    use_fast_path: bool = True,
+    tap_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The token compressor: a causal depthwise convolution over tokens, then the channel read.
 
@@ -617,6 +662,8 @@ def token_compress(
             `i * d_v + j` (the parameter's layout).
         read_weight: (d, d_v) the read W over each feature's d_v filtered values.
         padding: zero tokens assumed before x, as in `token_conv`.
+        tap_mask: (B, T', K) bool or None, as in `token_conv`: packed documents. The fast path then sums
+            the kept taps, one shifted pass over the state each.
 
     Returns:
         (B, T_in + padding - K + 1, d): `x_in[i] = sum_j W[i, j] (f_ij * X[:, i, j])`.
@@ -626,10 +673,18 @@ def token_compress(
     (`_token_compress_op`); the few tokens of a decoding step take one product of their windows.
     """
     if not _fast(use_fast_path):
-        return token_compress_reference(x, conv_weight, read_weight, padding)
+        return token_compress_reference(x, conv_weight, read_weight, padding, tap_mask)
     taps = _folded_taps(conv_weight, read_weight)
     (d, d_v), kernel = read_weight.shape, taps.shape[0]
     batch, tokens = x.shape[:2]
+    if tap_mask is not None:
+        x = F.pad(x, (0, 0, padding, 0)).unflatten(-1, (d_v, d))
+        out_tokens = x.shape[1] - kernel + 1
+        out = 0
+        for k in range(kernel):
+            tap = (x[:, k : k + out_tokens] * taps[k]).sum(-2)  # (B, T', d)
+            out = out + tap * tap_mask[..., k : k + 1]
+        return out
     if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
         x = F.pad(x, (0, 0, padding, 0)) if padding else x
         windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
@@ -776,6 +831,7 @@ __all__ = [
     "channel_read_after_write_reference",
     "channel_read_after_write",
     "channel_compress_after_write",
+    "document_tap_mask",
     "token_conv_reference",
     "token_conv",
     "token_compress_reference",

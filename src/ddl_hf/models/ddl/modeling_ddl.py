@@ -259,24 +259,32 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         """Where this layer's cache keeps `slot`'s conv state (a channel compressor keeps none)."""
         return self.conv_state_slots.index(slot) if slot in self.conv_state_slots else 0
 
-    def _read(self, state, slot, cache, padding_mask) -> torch.Tensor:
+    def _read(self, state, slot, cache, padding_mask, document_positions) -> torch.Tensor:
         """The sublayer's width-d input: the state itself when d_v = 1."""
         if self.compressor is None:
             return state
-        return self.compressor(state, cache, self._state_idx(slot), padding_mask)
+        return self.compressor(state, cache, self._state_idx(slot), padding_mask, document_positions)
 
-    def _write_and_read(self, state, h, context, block_input, cache, padding_mask):
+    def _write_and_read(self, state, h, context, block_input, cache, padding_mask, document_positions):
         """The attention's write, and the MLP's read of the new state (`DeltaShortcut.write_and_read`)."""
         if self.attn_shortcut is None:
             state = state + h
         elif self.compressor is not None:
             mlp_input_idx = self._state_idx(ConvStateSlot.MLP_INPUT)
             return self.attn_shortcut.write_and_read(
-                state, h, context, block_input, self.compressor, cache, mlp_input_idx, padding_mask
+                state,
+                h,
+                context,
+                block_input,
+                self.compressor,
+                cache,
+                mlp_input_idx,
+                padding_mask,
+                document_positions,
             )
         else:
             state = self.attn_shortcut(state, h, context, block_input)
-        return state, self._read(state, ConvStateSlot.MLP_INPUT, cache, padding_mask)
+        return state, self._read(state, ConvStateSlot.MLP_INPUT, cache, padding_mask, document_positions)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -288,11 +296,16 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         padding_mask: torch.Tensor | None = None,
+        document_positions: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """(B, T, d_v * d) -> (B, T, d_v * d). The token convolutions zero the inputs where `padding_mask` (B, T)
+        is False, and read no token across a document start (`document_positions` (B, T), packed rows)."""
         state = hidden_states
         # Attention: read, norm, attention, write (with the MLP's read of the new state).
-        block_input = self.state_read(self._read(state, ConvStateSlot.ATTENTION_INPUT, cache, padding_mask))
+        block_input = self.state_read(
+            self._read(state, ConvStateSlot.ATTENTION_INPUT, cache, padding_mask, document_positions)
+        )
         context = self.input_layernorm(block_input)
         h, _ = self.self_attn(
             context,
@@ -303,13 +316,29 @@ class DDLDecoderLayer(GradientCheckpointingLayer):
             use_cache=use_cache,
             **kwargs,
         )
-        state, block_input = self._write_and_read(state, h, context, block_input, cache, padding_mask)
+        state, block_input = self._write_and_read(
+            state, h, context, block_input, cache, padding_mask, document_positions
+        )
         # MLP: norm, MLP, write.
         context = self.post_attention_layernorm(block_input)
         h = self.mlp(context)
         if self.mlp_shortcut is None:
             return state + h
         return self.mlp_shortcut(state, h, context, block_input)
+
+
+def positions_in_documents(position_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's index in its document, for rows that pack several: (B, T) -> (B, T) long.
+
+    A document starts wherever the positions do not go on by one, as in transformers'
+    `find_packed_sequence_indices` (so the convolutions split a row exactly where attention does); a row of
+    one document gives 0, 1, 2, ... Computed on the device, without a host sync.
+    """
+    previous = position_ids[:, :1] - 1
+    starts = torch.diff(position_ids, prepend=previous, dim=-1) != 1
+    index = torch.arange(position_ids.shape[1], device=position_ids.device).expand_as(position_ids)
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+    return index - start_index
 
 
 # --------------------------------------------------------------------------- pretrained models
@@ -374,41 +403,50 @@ class DDLPreTrainedModel(PreTrainedModel):
             module.reset_parameters()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained` that refuses a checkpoint which would leave the model silently wrong.
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, strict: bool = False, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with transformers' conventions, and loud about what makes a DDL model
+        compute something else than the checkpoint did.
 
-        The rule: every weight of the DDL backbone (`model.*`: embeddings, blocks, gates, compressors, norms)
-        must come from the file with its shape. A missing backbone weight, an unexpected one or a shape
-        mismatch raises a `ValueError` naming the weights file and listing the keys, since the config and the
-        weights then disagree. A task head that the checkpoint does not have (loading a `DDLModel` folder
-        into `DDLForCausalLM` with untied embeddings, or any checkpoint into a classification head) is
-        initialized and reported by transformers, as for every model. `output_loading_info=True` returns
-        `(model, loading_info)` without raising, for callers who inspect the keys themselves;
-        `ignore_mismatched_sizes=True` re-initializes shape-mismatched weights as in transformers. A truncated
-        or corrupt safetensors file raises a `ValueError` naming that file before anything is loaded.
+        As in transformers: a weight that the checkpoint lacks is initialized by `_init_weights` and reported
+        (transformers' loading report, a WARNING, and `output_loading_info=True`); a tensor whose shape differs
+        from the config raises the `RuntimeError` that transformers raises (here naming the keys and the file),
+        unless `ignore_mismatched_sizes=True` re-initializes it. A DDL weight that the file lacks (a gate, value
+        projection, compressor or EC filter: the parameters of `DeltaShortcut`, `StateCompressor` and
+        `EmbedExpansion`), a missing untied `lm_head.weight`, a weight of the file in a DDL module that the config
+        does not have, or a local config.json whose `model_type` is not "ddl" also get a WARNING of their own (this
+        package's logger) that names them: a baseline or Llama checkpoint is never loaded silently as a DDL model.
+
+        `strict=True` refuses, with a `ValueError` naming the weights file and listing the keys, any missing,
+        unexpected or (without `ignore_mismatched_sizes`) mismatched weight, head weights included, and a
+        config.json of another model type: only a checkpoint that is exactly this model loads. A truncated or
+        corrupt safetensors file raises a `ValueError` naming that file before anything is loaded, strict or not.
         """
         wants_loading_info = kwargs.pop("output_loading_info", False)
         allow_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
         subfolder = kwargs.get("subfolder", "")
+        config_from_checkpoint = kwargs.get("config") is None
         check_safetensors_files(pretrained_model_name_or_path, subfolder)
         # No DDL layer has a kernel in the `kernels` hub mapping, so kernelizing (transformers' default since
         # 5.25) replaces nothing here, and with `device_map="meta"` it raises ("Unsupported device type
         # 'meta'"), for every model. An explicit `use_kernels=True` is still passed on.
         kwargs.setdefault("use_kernels", False)
-        # Unless the caller takes the loading info, mismatched shapes are let through so that the error below
-        # can list them.
+        # Mismatched shapes are let through transformers so that `check_loaded_weights` raises naming them (with
+        # `strict`, the ValueError; otherwise transformers' RuntimeError).
         model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path,
-            *model_args,
-            output_loading_info=True,
-            ignore_mismatched_sizes=allow_mismatched or not wants_loading_info,
-            **kwargs,
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
         )
         align_cpu_tensors(model)
-        if wants_loading_info:
-            return model, loading_info
-        check_loaded_weights(model, loading_info, allow_mismatched, pretrained_model_name_or_path, subfolder)
-        return model
+        check_loaded_weights(
+            model,
+            loading_info,
+            allow_mismatched,
+            pretrained_model_name_or_path,
+            subfolder,
+            strict=strict,
+            config_from_checkpoint=config_from_checkpoint,
+            ddl_module_types=(DeltaShortcut, StateCompressor, EmbedExpansion),
+        )
+        return (model, loading_info) if wants_loading_info else model
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus a README.md model card (`model_card.write_model_card`:
@@ -519,6 +557,18 @@ class DDLModel(DDLPreTrainedModel):
         # is passed is still filled.
         if use_cache and cache is None and not (self.training and torch.is_grad_enabled()):
             cache = DynamicCache(config=self.config)
+        # Several documents packed in a row, marked only by `position_ids` (transformers' padding-free batches,
+        # `DataCollatorWithFlattening`): attention keeps them apart where `create_causal_mask` finds them (given
+        # positions, no mask, no cache), and the token convolutions must too.
+        document_positions = None
+        if (
+            self.config.has_token_convolutions
+            and position_ids is not None
+            and attention_mask is None
+            and prebuilt_masks is None
+            and cache is None
+        ):
+            document_positions = positions_in_documents(position_ids.expand(inputs_embeds.shape[0], -1))
         if position_ids is None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             # Positions count the real tokens of each row (as `generate` computes them): with QK-norm after RoPE
             # (the authors' order) the gains break RoPE's shift invariance, so a left-padded row must see the
@@ -548,7 +598,7 @@ class DDLModel(DDLPreTrainedModel):
 
         state = inputs_embeds
         if self.embed_expansion is not None:
-            state = self.embed_expansion(inputs_embeds, cache, padding_mask)
+            state = self.embed_expansion(inputs_embeds, cache, padding_mask, document_positions)
         state = self.initial_state(state)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
@@ -560,9 +610,12 @@ class DDLModel(DDLPreTrainedModel):
                 cache=cache,
                 use_cache=use_cache,
                 padding_mask=padding_mask,
+                document_positions=document_positions,
                 **kwargs,
             )
-        read = state if self.readout is None else self.readout(state, cache, self.readout_state_idx, padding_mask)
+        read = state
+        if self.readout is not None:
+            read = self.readout(state, cache, self.readout_state_idx, padding_mask, document_positions)
         return DDLModelOutputWithPast(last_hidden_state=self.norm(self.final_read(read)), cache=cache)
 
 
@@ -587,11 +640,17 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> DDLCausalLMOutputWithPast:
         r"""
+        cache, inputs_embeds, use_cache:
+            As in `DDLModel.forward` (the cache of keys, values and conv states; (B, T, d) embeddings instead
+            of `input_ids`; whether to return a cache, `config.use_cache` when None).
         labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*):
             Targets for next-token prediction, aligned with the inputs (the shift happens inside);
             -100 marks positions without loss.
@@ -599,16 +658,21 @@ class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
             Compute logits only for the last `logits_to_keep` positions (0 = all), or for the
             given indices.
         kwargs:
-            The other arguments of `DDLModel.forward` (`cache`, `inputs_embeds`, `use_cache`,
-            `output_hidden_states`, ...), passed to the backbone as they are.
+            The other arguments of `DDLModel.forward` (`output_hidden_states`, `output_residual_states`, ...),
+            passed to the backbone as they are.
         """
-        # `attention_mask` and `position_ids` stay named: `generate` and `Trainer` look them up in this signature.
+        # The arguments are named in Llama's order: `generate`, `Trainer` and transformers' shared model tests
+        # look them up in this signature.
         if labels is not None:
-            check_labels(
-                labels, input_ids, kwargs.get("inputs_embeds"), self.config.vocab_size, kwargs.get("ignore_index", -100)
-            )
+            check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size, kwargs.get("ignore_index", -100))
         outputs: DDLModelOutputWithPast = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)

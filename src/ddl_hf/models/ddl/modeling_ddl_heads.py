@@ -22,7 +22,9 @@ from .modeling_ddl import DDLModel, DDLPreTrainedModel
 # readout of width d. The backbone is built directly rather than through `AutoModel.from_config`, which
 # would not find the DDL classes in a process that loads them as remote code. Loading a checkpoint without
 # the head (a `DDLForCausalLM` or `DDLModel` folder) initializes the head and reports it as missing
-# (`DDLPreTrainedModel.from_pretrained`); the backbone weights must all be there.
+# (`DDLPreTrainedModel.from_pretrained`, which also names missing DDL weights of the backbone in a warning, and
+# refuses any missing weight under `strict=True`). The forwards are transformers' generic ones, whose signatures
+# name `inputs_embeds`, `cache` and `use_cache` (the question-answering one has no `use_cache`, as Llama's).
 class DDLForSequenceClassification(GenericForSequenceClassification, DDLPreTrainedModel):
     """DDL decoder with a linear `score` head (no bias) on the last non-padding token of each row.
 
