@@ -261,6 +261,29 @@ def test_audit_command_writes_known_statistics(saved_models, tmp_path, capsys):
     assert "over" in table and table.count("attention") == 2 and table.count("mlp ") == 2
 
 
+def test_audit_takes_its_block_size_from_ddl_train(saved_models, tmp_path, monkeypatch, capsys):
+    """The audit's block size is `ddl train`'s (`train.resolve_block_size`): the one in metrics.json (a model
+    trained by `ddl train`), else the rule `ddl train` uses when --block_size is not given, with its check."""
+    import shutil
+
+    from ddl_hf import train
+    from ddl_hf.audit import main
+
+    folders, text_file, _ = saved_models
+    untrained = tmp_path / "no_metrics"
+    shutil.copytree(folders["ddl-cc"], untrained)
+    (untrained / "metrics.json").unlink()
+    argv = ["--validation_file", str(text_file), "--num_batches", "1", "--batch_size", "1"]
+    assert main([str(untrained), *argv, "--output_dir", str(tmp_path / "default")]) == 0
+    assert json.loads((tmp_path / "default" / "audit.json").read_text())["block_size"] == 128  # min(256, 128)
+    monkeypatch.setattr(train, "DEFAULT_BLOCK_SIZE", 64)  # another default in ddl train: the audit follows it
+    assert main([str(untrained), *argv, "--output_dir", str(tmp_path / "followed")]) == 0
+    assert json.loads((tmp_path / "followed" / "audit.json").read_text())["block_size"] == 64
+    capsys.readouterr()
+    assert main([str(folders["ddl-cc"]), *argv, "--block_size", "4096"]) == 2
+    assert "--block_size 4096 is larger than the model's max_position_embeddings (128)" in capsys.readouterr().err
+
+
 def test_audit_command_errors(saved_models, tmp_path, capsys):
     from ddl_hf.audit import main
 
@@ -270,7 +293,7 @@ def test_audit_command_errors(saved_models, tmp_path, capsys):
     assert main([str(tmp_path / "missing"), "--validation_file", str(text_file)]) == 2
     assert "has no config.json" in capsys.readouterr().err
     assert main([str(folders["ddl-cc"]), "--validation_file", str(text_file), "--block_size", "4096"]) == 2
-    assert "exceeds the model's max_position_embeddings 128" in capsys.readouterr().err
+    assert "--block_size 4096 is larger than the model's max_position_embeddings (128)" in capsys.readouterr().err
     assert main([str(folders["ddl-cc"]), "--validation_file", str(text_file), "--num_batches", "0"]) == 2
     assert "--num_batches must be an integer >= 1" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written on error

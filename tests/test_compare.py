@@ -316,3 +316,43 @@ def test_a_variant_with_changed_fields_trains_with_them_and_is_compared_with_the
     for key in ("mean", "std", "low", "high"):
         assert difference[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12)
     assert "| Δ vs ddl-cc [95% CI] |" in (tmp_path / "out" / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------- the published results
+PUBLISHED_RESULTS = ["docs/results/results.json", "docs/results/cc-read-forms/results.json"]
+
+
+def report_schema(report: dict) -> dict:
+    """The keys of a results.json, level by level (variant names, seeds and run names aside)."""
+    entries = list(report["variants"].values())
+    differences = [entry["difference_to_reference"] for entry in entries if entry["difference_to_reference"]]
+    return {
+        "report": sorted(report),
+        "variant": {tuple(sorted(entry)) for entry in entries},
+        "final_eval_loss": {tuple(sorted(entry["final_eval_loss"])) for entry in entries},
+        "train_wall_time_s": {tuple(sorted(entry["train_wall_time_s"])) for entry in entries},
+        "difference": {tuple(sorted(difference)) for difference in differences},
+        "curve_point": {tuple(sorted(point)) for curve in report["curves"].values() for point in curve},
+    }
+
+
+@pytest.mark.parametrize("path", PUBLISHED_RESULTS)
+def test_published_results_have_the_schema_compare_writes(first_run, path):
+    """The committed results files read like the ones `ddl compare` writes now (same keys at every level), and
+    their differences to the reference variant are the paired differences of their own per-seed losses."""
+    from pathlib import Path
+
+    _, _, written = first_run
+    published = json.loads((Path(__file__).resolve().parents[1] / path).read_text(encoding="utf-8"))
+    assert report_schema(published) == report_schema(written)
+    losses = {name: entry["final_eval_loss"]["per_seed"] for name, entry in published["variants"].items()}
+    reference = published["reference_variant"]
+    for name, entry in published["variants"].items():
+        if name == reference:
+            assert entry["difference_to_reference"] is None
+            continue
+        expected = paired_difference(
+            {int(s): v for s, v in losses[name].items()}, {int(s): v for s, v in losses[reference].items()}
+        )
+        for key in ("seeds", "mean", "std", "low", "high", "confidence"):
+            assert entry["difference_to_reference"][key] == pytest.approx(expected[key], rel=1e-12), (name, key)

@@ -1,7 +1,9 @@
 """Data pipeline of `ddl train`: sources, EOS-separated packing, caching, validation split."""
 
+import logging
+import re
 import sysconfig
-from itertools import chain
+from itertools import chain, product
 from pathlib import Path
 
 import pyarrow as pa
@@ -133,7 +135,27 @@ def test_tokenized_and_packed_data_is_cached(tmp_path, documents, tokenizer):
     assert not {f["filename"] for f in other.train.cache_files} & set(files)
 
 
-def test_validation_blocks_are_held_out_deterministically(tmp_path, documents, tokenizer):
+def document_split(tokenizer, texts, lm):
+    """The documents held out for validation: the one subset of `texts` whose documents, packed in their order,
+    give exactly the validation blocks while the others, packed in theirs, give exactly the training blocks.
+    Fails when no subset does (e.g. blocks cut from one stream and dealt out to both splits)."""
+    train_rows, validation_rows = rows(lm.train), rows(lm.validation)
+    streams = [expected_stream(tokenizer, [text]) for text in texts]
+    found = []
+    for held in product((False, True), repeat=len(texts)):
+        if not any(held) or all(held):
+            continue
+        held_stream = list(chain.from_iterable(s for s, h in zip(streams, held) if h))
+        kept_stream = list(chain.from_iterable(s for s, h in zip(streams, held) if not h))
+        if blocks_of(held_stream) == validation_rows and blocks_of(kept_stream) == train_rows:
+            found.append([text for text, h in zip(texts, held) if h])
+    assert len(found) == 1, f"{len(found)} document splits give these blocks"
+    return found[0]
+
+
+def test_validation_documents_are_held_out_whole_and_deterministically(tmp_path, documents, tokenizer):
+    """Without a validation split, whole documents are held out (chosen by a fixed seed until they hold the
+    requested share of the tokens), and each side is packed from its own documents, in their order."""
     train = write_jsonl(tmp_path / "train.jsonl", documents, with_id=True)
     args = DataArguments(
         train_file=train,
@@ -143,13 +165,20 @@ def test_validation_blocks_are_held_out_deterministically(tmp_path, documents, t
         dataset_cache_dir=str(tmp_path / "cache"),
     )
     lm = build_lm_datasets(args, tokenizer, BLOCK)
-    all_blocks = blocks_of(expected_stream(tokenizer, documents))
-    held_out = round(len(all_blocks) * 0.2)
-    assert len(lm.validation) == held_out == lm.stats["validation_held_out_blocks"]
-    assert len(lm.train) == len(all_blocks) - held_out
-    assert sorted(rows(lm.train) + rows(lm.validation)) == sorted(all_blocks)
+    held_out = document_split(tokenizer, documents, lm)
+    assert 1 <= len(held_out) < len(documents)
+    total = len(expected_stream(tokenizer, documents))
+    held_tokens = len(expected_stream(tokenizer, held_out))
+    assert 0.2 * total <= held_tokens < 0.2 * total + max(len(expected_stream(tokenizer, [t])) for t in held_out)
+    assert lm.stats["validation_held_out_documents"] == len(held_out)
+    assert lm.stats["validation_held_out_tokens"] == held_tokens
+    assert lm.stats["validation_held_out_blocks"] == len(lm.validation)
+    # The training source as a whole, as with a validation file: all its documents and tokens.
+    assert (lm.stats["train_documents"], lm.stats["train_tokens"]) == (len(documents), total)
+    assert lm.stats["train_blocks"] == len(lm.train) + len(lm.validation)
+    assert lm.stats["train_dropped_tokens"] == total - lm.stats["train_blocks"] * BLOCK
     again = build_lm_datasets(args, tokenizer, BLOCK)
-    assert rows(again.validation) == rows(lm.validation)
+    assert rows(again.validation) == rows(lm.validation) and rows(again.train) == rows(lm.train)
     capped = build_lm_datasets(
         DataArguments(
             train_file=train,
@@ -164,14 +193,88 @@ def test_validation_blocks_are_held_out_deterministically(tmp_path, documents, t
     assert rows(capped.validation) == rows(lm.validation)[:3]
 
 
-def test_streaming_holds_out_the_first_blocks(tmp_path, documents, tokenizer):
+def test_streaming_holds_out_the_first_documents(tmp_path, documents, tokenizer):
+    """A stream holds out its first documents, as many as fill `max_eval_samples` blocks; training starts with the
+    next document."""
     train = write_jsonl(tmp_path / "train.jsonl", documents, with_id=True)
     args = DataArguments(train_file=train, streaming=True, block_size=BLOCK, max_eval_samples=4)
     lm = build_lm_datasets(args, tokenizer, BLOCK)
-    stream = expected_stream(tokenizer, documents)
-    # A stream is packed one map batch (1000 documents) at a time: all twelve documents here.
-    assert rows(lm.validation) == blocks_of(stream)[:4]
-    assert rows(lm.train) == blocks_of(stream)[4:]
+    held = next(k for k in range(1, len(documents)) if len(expected_stream(tokenizer, documents[:k])) >= 4 * BLOCK)
+    assert held < len(documents) - 1
+    # A stream is packed one map batch (1000 documents) at a time: all of them here.
+    assert rows(lm.validation) == blocks_of(expected_stream(tokenizer, documents[:held]))[:4]
+    assert rows(lm.train) == blocks_of(expected_stream(tokenizer, documents[held:]))
+    assert lm.stats["validation_held_out_documents"] == held
+
+
+def tagged_documents(count: int) -> list[str]:
+    """Documents of several lines, every line tagged with its document's number."""
+    return [
+        "\n".join(f"doc{i:03d}: line {j} of document {i}, value = {i * j}" for j in range(3 + i % 5))
+        for i in range(count)
+    ]
+
+
+def tags_in(tokenizer, dataset) -> set[str]:
+    text = "".join(tokenizer.decode(row) for row in rows(dataset))
+    return set(re.findall(r"doc\d{3}", text))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_no_document_is_in_both_splits(tmp_path, tokenizer, streaming):
+    texts = tagged_documents(60)
+    train = write_jsonl(tmp_path / "train.jsonl", texts)
+    args = DataArguments(
+        train_file=train,
+        streaming=streaming,
+        block_size=BLOCK,
+        validation_split_percentage=10,
+        max_eval_samples=None if not streaming else 8,
+        dataset_cache_dir=str(tmp_path / "cache"),
+    )
+    lm = build_lm_datasets(args, tokenizer, BLOCK)
+    train_tags = tags_in(tokenizer, lm.train if not streaming else list(lm.train))
+    validation_tags = tags_in(tokenizer, lm.validation)
+    assert validation_tags and len(train_tags) > len(validation_tags)
+    assert not train_tags & validation_tags
+
+
+def test_a_single_document_is_split_at_its_end_with_a_warning(tmp_path, documents, tokenizer, caplog):
+    """One document (a .txt file by default) cannot be split by document: its last blocks are held out, in order,
+    and the log says that this document is in both splits."""
+    path = tmp_path / "one.txt"
+    path.write_text("\n\n".join(documents), encoding="utf-8")
+    args = DataArguments(
+        train_file=str(path), block_size=BLOCK, max_eval_samples=None, dataset_cache_dir=str(tmp_path / "cache")
+    )
+    with caplog.at_level(logging.WARNING, logger="ddl_hf.data"):
+        lm = build_lm_datasets(args, tokenizer, BLOCK)
+    all_blocks = blocks_of(expected_stream(tokenizer, [path.read_text(encoding="utf-8")]))
+    held_out = round(len(all_blocks) * 0.05)
+    assert held_out >= 1 and lm.stats["validation_held_out_blocks"] == held_out
+    assert rows(lm.train) == all_blocks[:-held_out] and rows(lm.validation) == all_blocks[-held_out:]
+    assert f"holds 1 document, so it cannot be split by document: the last {held_out} of its" in caplog.text
+
+
+def test_packing_reports_the_dropped_tokens_of_both_splits(tmp_path, documents, tokenizer, caplog):
+    paths = {
+        "train": write_jsonl(tmp_path / "train.jsonl", documents[:9]),
+        "validation": write_jsonl(tmp_path / "validation.jsonl", documents[9:]),
+    }
+    args = DataArguments(
+        train_file=paths["train"],
+        validation_file=paths["validation"],
+        block_size=BLOCK,
+        dataset_cache_dir=str(tmp_path / "cache"),
+    )
+    with caplog.at_level(logging.WARNING, logger="ddl_hf.data"):
+        build_lm_datasets(args, tokenizer, BLOCK)
+    messages = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    for split, texts in (("training", documents[:9]), ("validation", documents[9:])):
+        total = len(expected_stream(tokenizer, texts))
+        assert total % BLOCK, "pick documents whose tokens do not fill the last block"
+        expected = f"packing the {split} documents dropped {total % BLOCK:,} of {total:,} tokens"
+        assert any(message.startswith(expected) for message in messages), (expected, messages)
 
 
 def test_dataset_by_name_uses_its_validation_split(tmp_path, documents, tokenizer):

@@ -20,6 +20,7 @@ from ddl_hf import (
     flat_state,
     state_matrix,
 )
+from ddl_hf.models.ddl import delta_ops
 from ddl_hf.models.ddl.delta_ops import (
     channel_compress,
     channel_compress_reference,
@@ -43,8 +44,61 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 
 
 def bf16_tolerance(reference: torch.Tensor) -> dict:
-    """One or two bf16 rounding steps (relative 2^-8) of the reference's scale."""
+    """Fast against reference: about two bf16 rounding steps (2 x 2^-7, the spacing of bf16 numbers) of the
+    reference's largest entry. Coarse for small entries; `assert_within_roundings` checks each element."""
     return dict(rtol=1.6e-2, atol=1.6e-2 * float(reference.detach().float().abs().max()) + 1e-6)
+
+
+# --------------------------------------------------------------------------- bf16 rounding bounds
+# bf16 keeps 8 significant bits: rounding a value to bf16 moves it by at most U_BF16 = 2^-8 of itself (the unit
+# roundoff; `torch.finfo(torch.bfloat16).eps`, the spacing of bf16 numbers at 1, is 2^-7). Error analysis of a
+# computation from bf16 inputs, to first order: each rounding on an output's path moves it by at most U_BF16 times
+# the same computation on absolute values (|a| |b| for a product, sum |terms| for a sum; `magnitude` M). With c
+# roundings on the path, |got - exact| <= c U_BF16 M for every element, `exact` being the float64 computation from the
+# same bf16 inputs. Rounding the incoming gradient dL/dout to the output's dtype counts as one rounding on every
+# gradient's path (the tests' weights are fp32). The fp32 arithmetic in between adds FP32_SLACK M at most: 2^-16 is
+# 256 fp32 roundings (2^-24), more than the longest fp32 sum here (d d_v K <= 256 terms). Each test states its c per
+# output and per path. Unlike a tolerance scaled to the tensor's largest entry, the bound follows each element, so
+# small entries are checked at their own scale (relative to M, which is |exact| where nothing cancels).
+U_BF16 = 2.0**-8
+FP32_SLACK = 2.0**-16
+
+
+def assert_within_roundings(got: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor, roundings: int, what=""):
+    """|got - exact| <= (roundings U_BF16 + FP32_SLACK) magnitude, element by element (exact and magnitude float64)."""
+    error = (got.detach().double() - exact.detach()).abs()
+    bound = (roundings * U_BF16 + FP32_SLACK) * magnitude.detach()
+    if not bool((error <= bound).all()):
+        ratio = torch.where(bound > 0, error / bound.clamp_min(1e-300), torch.where(error > 0, torch.inf, 0.0))
+        worst = int(ratio.argmax())
+        raise AssertionError(
+            f"{what}: element {worst} is off by {float(error.flatten()[worst]):.3g}, more than {roundings} bf16 "
+            f"roundings of its magnitude {float(magnitude.flatten()[worst]):.3g} allow "
+            f"({float(ratio.max()):.2f} x the bound); exact value {float(exact.flatten()[worst]):.3g}"
+        )
+
+
+def float64_truth(reference, inputs, weights) -> tuple:
+    """(exact, exact gradients), (magnitude, magnitude gradients) of `value_and_grads(reference, inputs, weights)`:
+    the reference in float64 on the same (bf16) inputs, and on their absolute values with |weights|. For a function
+    built of sums and products alone (every compressor and convolution here), the latter is the same computation on
+    absolute values, its gradients too (they are sums of products of the other inputs and the weights)."""
+    exact = value_and_grads(reference, [t.detach().double().requires_grad_() for t in inputs], weights.double())
+    magnitude = value_and_grads(
+        reference, [t.detach().double().abs().requires_grad_() for t in inputs], weights.double().abs()
+    )
+    return exact, magnitude
+
+
+def assert_bf16_paths_within_roundings(results, truth, roundings, names, what=""):
+    """`results` {path: (output, gradients)}, `truth` from `float64_truth`, `roundings` {path: (c of the output,
+    c of each gradient)}: every element of every result within its path's bound."""
+    (exact, exact_grads), (magnitude, magnitude_grads) = truth
+    for path, (output, grads) in results.items():
+        counts = roundings[path]
+        assert_within_roundings(output, exact, magnitude, counts[0], f"{what} {path} output")
+        for name, got, true, size, count in zip(names, grads, exact_grads, magnitude_grads, counts[1:]):
+            assert_within_roundings(got, true, size, count, f"{what} {path} gradient of {name}")
 
 
 LAYOUTS = ["value-major", "feature-major"]
@@ -99,6 +153,39 @@ def test_delta_update_matches_reference_fp32(leading, d, d_v, erase, save_output
         torch.testing.assert_close(got, expected, **FP32, msg=f"gradient of {name}")
 
 
+def delta_update_truth(inputs, weights, erase: bool) -> tuple:
+    """`float64_truth` of the Delta rewrite: exact results from the reference in float64, and magnitudes from the
+    rewrite's formulas (`_DeltaUpdate`'s docstring) on absolute values, every difference made a sum. (The rewrite
+    divides by |h|, so its gradients are not a plain computation on absolute values.) With r = 1/sqrt(|h|^2 + eps^2)
+    (no cancellation), |k^T X| <= r |h|^T |X| =: R, |t| <= |v| + [erase] R =: T, |S| = |G^T h| <= |G|^T |h|."""
+    exact = value_and_grads(
+        lambda *a: delta_update_reference(*a, EPS, erase=erase),
+        [t.detach().double().requires_grad_() for t in inputs],
+        weights.double(),
+    )
+    state, h, beta, v, grad = (t.detach().double().abs() for t in (*inputs, weights))
+    r = torch.rsqrt(h.square().sum(-1, keepdim=True) + EPS * EPS)  # (..., 1)
+    read = r * (h.unsqueeze(-1) * state).sum(-2)  # R (..., d_v)
+    target = v + read if erase else v  # T
+    write = beta * r * target  # |w| <= beta r T
+    output = state + h.unsqueeze(-1) * write.unsqueeze(-2)
+    s_grad = (h.unsqueeze(-1) * grad).sum(-2)  # |S|
+    t_grad = beta * r * s_grad  # |dL/dt| = beta r |S|
+    grad_v = t_grad
+    grad_beta = r * (s_grad * target).sum(-1, keepdim=True)
+    grad_state = grad + (r * h).unsqueeze(-1) * t_grad.unsqueeze(-2) if erase else grad
+    # dL/dh = G w - [erase] r X T + h ([erase] r^2 T . (v - t) - r^3 beta S . t), with |v - t| = |r X^T h| <= R.
+    h_scale = r**3 * beta * (s_grad * target).sum(-1, keepdim=True)
+    grad_h = (grad * write.unsqueeze(-2)).sum(-1)
+    if erase:
+        h_scale = h_scale + r * r * (t_grad * read).sum(-1, keepdim=True)
+        grad_h = grad_h + r * (state * t_grad.unsqueeze(-2)).sum(-1)
+    grad_h = grad_h + h * h_scale
+    # beta and v may broadcast (one per token here): their gradients are summed like the reference's.
+    grad_beta, grad_v = grad_beta.sum_to_size(inputs[2].shape), grad_v.sum_to_size(inputs[3].shape)
+    return exact, (output, (grad_state, grad_h, grad_beta, grad_v))
+
+
 @pytest.mark.parametrize("save_output", [False, True], ids=["keep-input", "keep-output"])
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
 @pytest.mark.parametrize("d_v", [1, 4])
@@ -115,6 +202,15 @@ def test_delta_update_matches_reference_bf16(d_v, erase, save_output, layout):
     torch.testing.assert_close(fast.float(), ref.float(), **bf16_tolerance(ref))
     for name, got, expected in zip(("state", "h", "beta", "v"), fast_grads, ref_grads):
         torch.testing.assert_close(got.float(), expected.float(), **bf16_tolerance(expected), msg=f"gradient of {name}")
+    # Both paths compute in fp32 from the exact bf16 inputs and round once to bf16: 1 rounding for the new state;
+    # each gradient adds the rounding of dL/dX' to bf16: 2.
+    roundings = (1, 2, 2, 2, 2)
+    assert_bf16_paths_within_roundings(
+        {"fast": (fast, fast_grads), "reference": (ref, ref_grads)},
+        delta_update_truth(inputs, weights, erase),
+        {"fast": roundings, "reference": roundings},
+        ("state", "h", "beta", "v"),
+    )
 
 
 def test_delta_update_keeps_the_inputs_dtypes_in_mixed_precision():
@@ -130,6 +226,15 @@ def test_delta_update_keeps_the_inputs_dtypes_in_mixed_precision():
     torch.testing.assert_close(fast.float(), ref.float(), **bf16_tolerance(ref))
     for got, expected in zip(fast_grads, ref_grads):
         torch.testing.assert_close(got.float(), expected.float(), **bf16_tolerance(expected))
+    # The new state is rounded to bf16 once (1); dL/dX' is rounded to bf16 (1 on every gradient), and only the
+    # state's gradient is rounded again, to bf16 (2); h, beta and v get fp32 gradients (1).
+    roundings = (1, 2, 1, 1, 1)
+    assert_bf16_paths_within_roundings(
+        {"fast": (fast, fast_grads), "reference": (ref, ref_grads)},
+        delta_update_truth(inputs, weights, erase=True),
+        {"fast": roundings, "reference": roundings},
+        ("state", "h", "beta", "v"),
+    )
 
 
 def test_delta_update_broadcasts_gate_and_value_like_the_reference():
@@ -273,6 +378,16 @@ def test_channel_read_after_write_matches_reference(dtype):
     for got, expected in zip(fast_grads, ref_grads):
         tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
         torch.testing.assert_close(got.float(), expected.float(), **tolerance)
+    if dtype == torch.bfloat16:
+        # Both paths compute in fp32 from the exact inputs and round each bf16 result once: the new read 1; dL/dout
+        # rounded to bf16 (1) is the read's gradient; h's and W's are rounded again (2); w's stays fp32 (1).
+        roundings = (1, 1, 2, 1, 2)
+        assert_bf16_paths_within_roundings(
+            {"fast": (fast, fast_grads), "reference": (ref, ref_grads)},
+            float64_truth(channel_read_after_write_reference, inputs, weights),
+            {"fast": roundings, "reference": roundings},
+            ("read", "h", "w", "W"),
+        )
 
 
 # --------------------------------------------------------------------------- compressors and convolutions
@@ -296,6 +411,20 @@ def test_channel_compress_matches_reference(dtype, weight_dtype, layout):
     for got, expected in zip(fast_grads, ref_grads):
         tol = FP32 if dtype == weight_dtype == torch.float32 else bf16_tolerance(expected)
         torch.testing.assert_close(got.float(), expected.float(), **tol)
+    if dtype == torch.bfloat16 and weight_dtype == torch.bfloat16:
+        # Fast: the products of bf16 values are exact in fp32 and summed there, rounded once (1). Reference: each
+        # product rounded to bf16, then the sum (fp32 accumulation) rounded (2). Gradients, both paths: dL/dout to
+        # bf16 (1); dX = g W rounded (2); dW = sum_n g X: products rounded, the sum over tokens rounded (3).
+        roundings = {"fast": (1, 2, 3), "reference": (2, 2, 3)}
+    elif dtype == torch.bfloat16:  # the state promoted to the fp32 weight: fp32 throughout, dX rounded to bf16
+        roundings = {"fast": (0, 1, 0), "reference": (0, 1, 0)}
+    if dtype == torch.bfloat16:
+        assert_bf16_paths_within_roundings(
+            {"fast": (fast, fast_grads), "reference": (ref, ref_grads)},
+            float64_truth(channel_compress_reference, inputs, weights),
+            roundings,
+            ("X", "W"),
+        )
 
 
 def assert_token_conv_matches_reference(x, weight, padding, dtype):
@@ -309,6 +438,21 @@ def assert_token_conv_matches_reference(x, weight, padding, dtype):
     for name, got, expected in zip(("output", "x", "weight"), (fast, *fast_grads), (ref, *ref_grads)):
         tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
         torch.testing.assert_close(got, expected, **tolerance, msg=f"{name}, padding {padding}")
+    if dtype == torch.bfloat16:
+        # A convolution (the reference's conv1d, the fast conv2d) sums in fp32 and rounds once: output 1; each
+        # gradient 2 with the rounding of dL/dout. A few output tokens (the fast path's product of the windows): the
+        # product rounds once (output 1, weight 2), and x's gradient adds the K overlapping windows' gradients in
+        # bf16 (K - 1 more roundings): 1 + 1 + K - 1 = K + 1.
+        few = x.shape[0] * expected_tokens <= delta_ops._FEW_TOKENS
+        kernel = weight.shape[-1]
+        roundings = {"fast": (1, kernel + 1 if few else 2, 2), "reference": (1, 2, 2)}
+        assert_bf16_paths_within_roundings(
+            {"fast": (fast, fast_grads), "reference": (ref, ref_grads)},
+            float64_truth(lambda a, w: token_conv_reference(a, w, padding), inputs, weights),
+            roundings,
+            ("x", "weight"),
+            f"padding {padding}",
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -381,6 +525,23 @@ def test_token_compress_matches_reference(tokens, dtype):
         for name, got, expected in zip(("x", "filters", "read"), fast_grads, ref_grads):
             tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
             torch.testing.assert_close(got, expected, **tolerance, msg=f"gradient of {name}, padding {padding}")
+        if dtype == torch.bfloat16:
+            # Fast: the folded taps F = W f are rounded products (1), then one fp32-summed convolution or product
+            # of the windows (1): output 2. Gradients, with dL/dout rounded (1) and F (1): x's sums its K taps in
+            # bf16, one rounding each (the convolution's K `addcmul_`; the windows' product 1 + K - 1): K + 2. dF is
+            # summed in fp32 from rounded products (convolution) or in one product (windows): at most 2 + 1 = 3,
+            # then f's = dF W (4) and W's = sum_k dF f (5).
+            # Reference: conv1d (1), the read's products (1) and sum (1): output 3; x's: dL/dout, g W, conv1d
+            # backward: 3; f's: dL/dout, g W, conv1d backward: 3; W's: dL/dout, the rounded filtered state,
+            # the products, the sum over tokens: 4.
+            roundings = {"fast": (2, kernel + 2, 4, 5), "reference": (3, 3, 3, 4)}
+            assert_bf16_paths_within_roundings(
+                {"fast": (fast, fast_grads), "reference": (ref, ref_grads)},
+                float64_truth(lambda *a, p=padding: token_compress_reference(*a, p), inputs, weights),
+                roundings,
+                ("x", "filters", "read"),
+                f"padding {padding}",
+            )
 
 
 def test_token_compress_reads_channel_j_times_d_plus_i_as_feature_i_value_j():
@@ -426,6 +587,19 @@ def test_token_read_after_write_matches_reference(tokens, dtype):
         for name, got, expected in zip(("read", "h", "w", "filters", "read weight"), fast_grads, ref_grads):
             tolerance = FP32 if dtype == torch.float32 else bf16_tolerance(expected)
             torch.testing.assert_close(got, expected, **tolerance, msg=f"gradient of {name}, padding {padding}")
+        if dtype == torch.bfloat16:
+            # Reference: fp32 from the exact inputs, rounded once: output 1; dL/dout rounded (1) is read's
+            # gradient and w's (fp32); h's, f's and W's are rounded again (2). Fast: the same, but the folded taps
+            # F = W f are a bf16 product (1 more on the output, h's and w's paths: 2, 3, 2); dF is rounded to bf16
+            # (2), then f's = dF W (3) and W's = sum_k dF f (4).
+            roundings = {"fast": (2, 1, 3, 2, 3, 4), "reference": (1, 1, 2, 1, 2, 2)}
+            assert_bf16_paths_within_roundings(
+                {"fast": (fast, fast_grads), "reference": (ref, ref_grads)},
+                float64_truth(lambda *a, p=padding: token_read_after_write_reference(*a, p), inputs, weights),
+                roundings,
+                ("read", "h", "w", "filters", "read weight"),
+                f"padding {padding}",
+            )
 
 
 @pytest.mark.parametrize("kind", ["channel", "token"])

@@ -6,6 +6,7 @@ thread pool otherwise spins against the other processes and gets two orders of m
 and the exact-equality checks below compare runs with the same thread count.
 """
 
+import hashlib
 import json
 import math
 import signal
@@ -260,8 +261,9 @@ def test_ddl_train_learns_below_the_unigram_entropy(assets, tmp_path, capsys):
     trains the tiny preset for 600 steps of 4 blocks of 32 tokens (about 6 passes over 12.9k tokens, ~15 s on one
     core). Its validation loss must end below the unigram entropy of the training tokens (4.24 nats, counted
     here from the file): no model that ignores the context gets lower, and the model starts at log(300) = 5.70.
-    Here it reaches 3.96. With the learning rate 0 the loss stays at 5.70; with the schedule's decay ending at the
-    end of warmup it ends near 5.3; with the decayed matrices' learning rate 0 near 5.2."""
+    Here it reaches 3.96. Deliberate breakages of the optimizer or schedule end far above the bound: learning rate
+    0, 5.70; the decayed matrices' learning rate 0, 5.61; a schedule that reaches 0 at the end of warmup, 5.41;
+    a warmup that never ends, 5.64."""
     output_dir = tmp_path / "learn"
     argv = tiny_argv(assets, output_dir, "--max_steps", str(LEARNING_STEPS))
     for flag in ("--warmup_steps", "--logging_steps", "--eval_steps", "--save_steps", "--max_eval_samples"):
@@ -320,6 +322,79 @@ def test_same_seed_same_data_order_across_variants(reference_run, assets, tmp_pa
     assert data_order(tmp_path / "baseline") == data_order(reference_dir)[:4]
     run_training(*parse_args(tiny_argv(assets, tmp_path / "seed", "--seed", "7", "--max_steps", "2")))
     assert data_order(tmp_path / "seed") != data_order(reference_dir)[:2]
+
+
+class DataOrderLines(TrainerCallback):
+    """Reads the data-order log after every micro-batch: (event, optimizer step, lines in the file). After the
+    step's last micro-batch the Trainer calls `on_step_end` (this callback runs after `ddl train`'s own), and
+    after each of the others `on_substep_end`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.seen = []
+
+    def lines(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path.is_file() else 0
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.seen.append(("substep", state.global_step + 1, self.lines()))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen.append(("step", state.global_step, self.lines()))
+
+
+def test_data_order_is_written_at_logging_and_saving_steps_only(assets, tmp_path, monkeypatch):
+    """The data-order log is not written per micro-batch (that needs the ids on the host: a device sync and a file
+    append in the hot loop) but at the steps that log (1 with logging_first_step, 3, 6), save (4, 8) or end (8), and
+    what ends up in it is line for line the format written per micro-batch before: `step<TAB>` the first 16 hex
+    digits of the SHA-1 of the micro-batch's int64 token ids."""
+    output_dir = tmp_path / "run"
+    trained = []  # (optimizer step, input ids) of every micro-batch, as the training step receives them
+    training_step = DDLTrainer.training_step
+
+    def recording_training_step(self, model, inputs, num_items_in_batch=None):
+        trained.append((self.state.global_step + 1, inputs["input_ids"].detach().clone()))
+        return training_step(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(DDLTrainer, "training_step", recording_training_step)
+    argv = tiny_argv(assets, output_dir, "--gradient_accumulation_steps", "2")
+    for flag in ("--logging_steps", "--save_steps"):
+        argv = without_flag(argv, flag)
+    lines = DataOrderLines(output_dir / "data_order" / "rank0.tsv")
+    run_training(*parse_args([*argv, "--logging_steps", "3", "--save_steps", "4"]), callbacks=[lines])
+
+    assert sorted(train_losses(output_dir)) == [1, 3, 6]  # the steps that logged the training loss
+    written_at = [1, 3, 4, 6, 8]  # ... and the steps that saved a checkpoint or ended training
+    expected = []
+    for step in range(1, TINY_STEPS + 1):
+        flushed_before = max([s for s in written_at if s < step], default=0)
+        flushed_after = max(s for s in written_at if s <= step)
+        expected += [("substep", step, 2 * flushed_before), ("step", step, 2 * flushed_after)]
+    assert lines.seen == expected
+
+    old_format = [f"{step}\t{hashlib.sha1(ids.numpy().tobytes()).hexdigest()[:16]}" for step, ids in trained]
+    assert len(old_format) == 2 * TINY_STEPS and all(ids.dtype == torch.int64 for _, ids in trained)
+    assert data_order(output_dir) == old_format
+
+
+def test_data_order_log_writes_when_it_holds_too_many_ids(tmp_path):
+    """A run that logs and saves rarely: the held ids are written once they pass `max_pending_bytes`."""
+    from ddl_hf.run_files import DataOrderLog
+
+    path = tmp_path / "rank0.tsv"
+    log = DataOrderLog(path, max_pending_bytes=100)
+    first, second, third = (torch.arange(8 * i, 8 * i + 8).view(2, 4) for i in range(3))  # 64 bytes each
+    log.record(1, first)
+    assert not path.exists()
+    log.record(1, second)  # 128 bytes held: written
+    log.record(2, third)
+    assert len(path.read_text().splitlines()) == 2
+    log.flush()
+    expected = [
+        f"{s}\t{hashlib.sha1(ids.numpy().tobytes()).hexdigest()[:16]}"
+        for s, ids in ((1, first), (1, second), (2, third))
+    ]
+    assert path.read_text().splitlines() == expected
 
 
 # --------------------------------------------------------------------------- never lose work

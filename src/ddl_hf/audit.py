@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from .command_line import reports_input_errors
 from .data import (
-    DEFAULT_BLOCK_SIZE,
     TXT_SAMPLE_BY,
     DataArguments,
     collate_blocks,
@@ -81,14 +80,22 @@ def _check_positive(name: str, value: int | None) -> None:
         raise ValueError(f"--{name} must be an integer >= 1, got {value}")
 
 
-def default_block_size(model_dir: Path, max_position_embeddings: int) -> int:
-    """The block size in the model's `metrics.json` (written by `ddl train`), else `ddl train`'s default."""
+def trained_block_size(model_dir: Path) -> int | None:
+    """The block size in the model's `metrics.json` (written by `ddl train`), None without one."""
     metrics = model_dir / "metrics.json"
     if metrics.is_file():
         trained = json.loads(metrics.read_text(encoding="utf-8")).get("block_size")
         if trained:
             return int(trained)
-    return min(DEFAULT_BLOCK_SIZE, max_position_embeddings)
+    return None
+
+
+def audit_block_size(block_size: int | None, model_dir: Path, config) -> int:
+    """`--block_size`, else the one the model was trained with, else `ddl train`'s default for the model; checked
+    against the model's context as `ddl train` checks it (`train.resolve_block_size`)."""
+    from .train import resolve_block_size
+
+    return resolve_block_size(DataArguments(block_size=block_size or trained_block_size(model_dir)), config)
 
 
 def validation_documents(args: argparse.Namespace):
@@ -235,11 +242,7 @@ def run_audit(args: argparse.Namespace) -> dict:
             f"{str(model_dir)!r} is an additive baseline (residual_mode='additive'): it has no gates to audit"
         )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    block_size = args.block_size or default_block_size(model_dir, config.max_position_embeddings)
-    if block_size > config.max_position_embeddings:
-        raise ValueError(
-            f"--block_size {block_size} exceeds the model's max_position_embeddings {config.max_position_embeddings}"
-        )
+    block_size = audit_block_size(args.block_size, model_dir, config)
     documents = validation_documents(args)
     tokenized = tokenize_documents(documents, tokenizer, args.text_column)
     blocks = pack_into_blocks(tokenized, block_size)

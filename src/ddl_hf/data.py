@@ -14,8 +14,14 @@ Every document is tokenized without special tokens and followed by EOS; the toke
 cut into blocks of `block_size` tokens (attention crosses document boundaries, as in GPT-style
 pretraining). Tokenizing and packing run through `datasets.map` with fingerprints derived from
 the data, the tokenizer's content and the block size, so a second run reuses the cached Arrow
-files. When the source has no validation split, a deterministic random
-`validation_split_percentage` of the packed blocks is held out (the first blocks of a stream).
+files. The tokens after the last full block of each map batch of documents are dropped, and
+`build_lm_datasets` says how many at WARNING level, for each split.
+
+When the source has no validation split, whole documents are held out, so that no document is in
+both splits: documents drawn in an order shuffled with a fixed seed until they hold
+`validation_split_percentage` of the tokens (the first documents of a stream, as many as fill
+`max_eval_samples` blocks), each side packed from its own documents. A source of one document is
+split at the end of its token stream instead, with a warning.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Sequence, Value, load_dataset
 
@@ -41,6 +48,8 @@ BUILTIN_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages"
 # Seed of the held-out validation blocks: fixed, so every training seed is evaluated on the same blocks.
 VALIDATION_SPLIT_SEED = 1234
 STREAMING_VALIDATION_BLOCKS = 100
+# Documents per `datasets.map` batch of the packing: the tokens after the last full block of each are dropped.
+PACKING_BATCH_DOCUMENTS = 1000
 LOCAL_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
 # Bump when the tokenize or pack functions change, so old cache files are not reused.
@@ -76,7 +85,10 @@ class DataArguments:
     )
     validation_split_percentage: float = field(
         default=5.0,
-        metadata={"help": "percent of the packed blocks held out for validation when the data has no validation split"},
+        metadata={
+            "help": "percent of the tokens held out for validation, as whole documents, when the data has no "
+            "validation split"
+        },
     )
     max_eval_samples: int | None = field(
         default=64, metadata={"help": "evaluate on at most this many validation blocks (null: all of them)"}
@@ -294,7 +306,7 @@ class BlockPacker:
     """`datasets.map` function: concatenates a batch of tokenized documents and cuts it into blocks.
 
     The tokens after the last full block of each map batch (fewer than `block_size`) are dropped;
-    `pack_into_blocks` reports how many.
+    `build_lm_datasets` reports how many.
     """
 
     def __init__(self, block_size: int) -> None:
@@ -345,11 +357,16 @@ def pack_into_blocks(tokenized, block_size: int, num_proc: int | None = None):
     function = BlockPacker(block_size)
     if isinstance(tokenized, IterableDataset):
         return tokenized.map(
-            function, batched=True, remove_columns=["input_ids", "num_tokens"], features=PACKED_FEATURES
+            function,
+            batched=True,
+            batch_size=PACKING_BATCH_DOCUMENTS,
+            remove_columns=["input_ids", "num_tokens"],
+            features=PACKED_FEATURES,
         )
     return tokenized.map(
         function,
         batched=True,
+        batch_size=PACKING_BATCH_DOCUMENTS,
         remove_columns=["input_ids", "num_tokens"],
         features=PACKED_FEATURES,
         num_proc=num_proc,
@@ -358,22 +375,156 @@ def pack_into_blocks(tokenized, block_size: int, num_proc: int | None = None):
     )
 
 
-def _packed(dataset, tokenizer, data_args: DataArguments, block_size: int, source: str) -> tuple:
-    tokenized = tokenize_documents(dataset, tokenizer, data_args.text_column, data_args.preprocessing_num_workers)
+def _packing_stats(tokenized: Dataset, packed: Dataset, block_size: int) -> dict:
+    total_tokens = sum(tokenized["num_tokens"])
+    return {
+        "documents": len(tokenized),
+        "tokens": total_tokens,
+        "blocks": len(packed),
+        "dropped_tokens": total_tokens - len(packed) * block_size,
+    }
+
+
+def _check_packed(stats: dict, data_args: DataArguments, block_size: int, source: str) -> None:
+    if stats["tokens"] == 0:
+        raise ValueError(f"{source} has no text: every document in --text_column {data_args.text_column!r} is empty")
+    if stats["blocks"] == 0:
+        raise ValueError(
+            f"{source} has {stats['tokens']} tokens, fewer than one block of --block_size {block_size}; "
+            "lower --block_size or add data"
+        )
+
+
+def _warn_dropped(split: str, stats: dict, block_size: int) -> None:
+    if stats["dropped_tokens"]:
+        logger.warning(
+            "packing the %s documents dropped %s of %s tokens (%.2f%%): the end of each map batch of %s documents "
+            "that did not fill a block of %d",
+            split,
+            f"{stats['dropped_tokens']:,}",
+            f"{stats['tokens']:,}",
+            100 * stats["dropped_tokens"] / stats["tokens"],
+            f"{PACKING_BATCH_DOCUMENTS:,}",
+            block_size,
+        )
+
+
+def _packed(tokenized, data_args: DataArguments, block_size: int, source: str, split: str) -> tuple:
+    """Blocks of tokenized documents, and (for a dataset in memory or on disk) what went into them."""
     packed = pack_into_blocks(tokenized, block_size, data_args.preprocessing_num_workers)
     if isinstance(packed, IterableDataset):
         return packed, {}
-    total_tokens = sum(tokenized["num_tokens"])
-    if total_tokens == 0:
-        raise ValueError(f"{source} has no text: every document in --text_column {data_args.text_column!r} is empty")
-    if len(packed) == 0:
-        raise ValueError(
-            f"{source} has {total_tokens} tokens, fewer than one block of --block_size {block_size}; "
-            "lower --block_size or add data"
-        )
-    stats = {"documents": len(tokenized), "tokens": total_tokens, "blocks": len(packed)}
-    stats["dropped_tokens"] = total_tokens - len(packed) * block_size
+    stats = _packing_stats(tokenized, packed, block_size)
+    _check_packed(stats, data_args, block_size, source)
+    _warn_dropped(split, stats, block_size)
     return packed, stats
+
+
+def held_out_documents(num_tokens: list[int], percentage: float, block_size: int) -> list[int] | None:
+    """Indices (ascending) of the documents held out for validation: documents taken in an order shuffled with
+    VALIDATION_SPLIT_SEED until they hold `percentage` % of the tokens (at least one block's worth), never all of
+    them. None for fewer than two documents."""
+    if len(num_tokens) < 2:
+        return None
+    target = max(sum(num_tokens) * percentage / 100, block_size)
+    order = np.random.default_rng(VALIDATION_SPLIT_SEED).permutation(len(num_tokens))
+    held, tokens = [], 0
+    for index in order[:-1]:
+        held.append(int(index))
+        tokens += num_tokens[index]
+        if tokens >= target:
+            break
+    return sorted(held)
+
+
+def _split_by_documents(tokenized: Dataset, data_args: DataArguments, block_size: int, source: str):
+    """(train blocks, validation blocks, stats) from one tokenized source without a validation split: whole
+    documents are held out (`held_out_documents`), so no document is in both. With a single document, or when no
+    such split leaves a block on each side, the last blocks of the packed stream are held out instead, in order."""
+    num_tokens = tokenized["num_tokens"]
+    held = held_out_documents(num_tokens, data_args.validation_split_percentage, block_size)
+    if held is not None:
+        held_set = set(held)
+        kept = [index for index in range(len(num_tokens)) if index not in held_set]
+        parts = {}
+        for split, indices in (("training", kept), ("validation", held)):
+            part = tokenized.select(indices)
+            packed = pack_into_blocks(part, block_size, data_args.preprocessing_num_workers)
+            parts[split] = (packed, _packing_stats(part, packed, block_size))
+        if parts["training"][1]["blocks"] and parts["validation"][1]["blocks"]:
+            for split, (_, stats) in parts.items():
+                _warn_dropped(split, stats, block_size)
+            (train, train_part), (validation, held_part) = parts["training"], parts["validation"]
+            blocks = train_part["blocks"] + held_part["blocks"]
+            stats = {  # the source as a whole, as with a validation file
+                "documents": len(num_tokens),
+                "tokens": sum(num_tokens),
+                "blocks": blocks,
+                "dropped_tokens": sum(num_tokens) - blocks * block_size,
+            }
+            held_out = {
+                "validation_held_out_documents": held_part["documents"],
+                "validation_held_out_tokens": held_part["tokens"],
+                "validation_held_out_blocks": held_part["blocks"],
+            }
+            logger.info(
+                "held out %d of %d documents (%s of %s tokens) of %s for validation",
+                held_part["documents"],
+                stats["documents"],
+                f"{held_part['tokens']:,}",
+                f"{stats['tokens']:,}",
+                source,
+            )
+            return train, validation, {f"train_{key}": value for key, value in stats.items()} | held_out
+    packed, stats = _packed(tokenized, data_args, block_size, source, "training")
+    if len(packed) < 2:
+        raise ValueError(
+            f"{source} packs into a single block of {block_size} tokens: no validation block can be held "
+            "out; add data, lower --block_size or give --validation_file"
+        )
+    count = min(len(packed) - 1, max(1, round(len(packed) * data_args.validation_split_percentage / 100)))
+    documents = stats["documents"]
+    reason = (
+        "holds 1 document, so it cannot be split by document"
+        if documents == 1
+        else f"holds {documents:,} documents, but no split into whole documents leaves a block on each side"
+    )
+    logger.warning(
+        "%s %s: the last %d of its %d blocks are held out for validation, so the document at the boundary is in "
+        "both splits; give --validation_file (or split a .txt file with --txt_sample_by paragraph or line)",
+        source,
+        reason,
+        count,
+        len(packed),
+    )
+    boundary = len(packed) - count
+    stats = {f"train_{key}": value for key, value in stats.items()} | {"validation_held_out_blocks": count}
+    return packed.select(range(boundary)), packed.select(range(boundary, len(packed))), stats
+
+
+def _split_stream_by_documents(tokenized: IterableDataset, wanted_blocks: int, block_size: int, source: str):
+    """(train stream, validation blocks, stats) of a stream without a validation split: its first documents, as
+    many as fill `wanted_blocks` blocks, are held out, and training starts with the next document."""
+    held_ids, tokens = [], 0
+    documents = iter(tokenized)
+    for row in documents:
+        held_ids.append(row["input_ids"])
+        tokens += row["num_tokens"]
+        if tokens >= wanted_blocks * block_size:
+            break
+    if tokens < wanted_blocks * block_size or next(documents, None) is None:
+        raise ValueError(
+            f"{source} has {tokens:,} tokens, too few to hold out {wanted_blocks} validation blocks of {block_size} "
+            "and train on the rest; give --validation_file or lower --max_eval_samples"
+        )
+    held = Dataset.from_dict(
+        {"input_ids": held_ids, "num_tokens": [len(ids) for ids in held_ids]}, features=TOKENIZED_FEATURES
+    )
+    packed = pack_into_blocks(held, block_size)
+    _warn_dropped("validation", _packing_stats(held, packed, block_size), block_size)
+    validation = packed.select(range(min(wanted_blocks, len(packed))))
+    stats = {"validation_held_out_documents": len(held_ids), "validation_held_out_blocks": len(validation)}
+    return pack_into_blocks(tokenized.skip(len(held_ids)), block_size), validation, stats
 
 
 def build_lm_datasets(
@@ -390,40 +541,30 @@ def build_lm_datasets(
     source = data_args.source_description
     with main_process_first():
         train_documents, validation_documents = load_documents(data_args)
-        train, train_stats = _packed(train_documents, tokenizer, data_args, block_size, source)
-        stats = {f"train_{key}": value for key, value in train_stats.items()}
+        tokenized = tokenize_documents(
+            train_documents, tokenizer, data_args.text_column, data_args.preprocessing_num_workers
+        )
         if validation_documents is not None:
+            train, train_stats = _packed(tokenized, data_args, block_size, source, "training")
+            stats = {f"train_{key}": value for key, value in train_stats.items()}
+            validation_tokenized = tokenize_documents(
+                validation_documents, tokenizer, data_args.text_column, data_args.preprocessing_num_workers
+            )
             validation, validation_stats = _packed(
-                validation_documents, tokenizer, data_args, block_size, f"{source} (validation)"
+                validation_tokenized, data_args, block_size, f"{source} (validation)", "validation"
             )
             stats.update({f"validation_{key}": value for key, value in validation_stats.items()})
             if isinstance(validation, IterableDataset):
                 limit = data_args.max_eval_samples or STREAMING_VALIDATION_BLOCKS
                 validation = _materialize(validation.take(limit), f"{source} (validation)")
-        elif isinstance(train, IterableDataset):
-            held_out = data_args.max_eval_samples or STREAMING_VALIDATION_BLOCKS
-            validation = _materialize(train.take(held_out), source)
-            train = train.skip(held_out)
-            stats["validation_held_out_blocks"] = len(validation)
+        elif isinstance(tokenized, IterableDataset):
+            wanted = data_args.max_eval_samples or STREAMING_VALIDATION_BLOCKS
+            train, validation, stats = _split_stream_by_documents(tokenized, wanted, block_size, source)
         else:
-            if len(train) < 2:
-                raise ValueError(
-                    f"{source} packs into a single block of {block_size} tokens: no validation block can be held "
-                    "out; add data, lower --block_size or give --validation_file"
-                )
-            held_out = min(len(train) - 1, max(1, round(len(train) * data_args.validation_split_percentage / 100)))
-            split = train.train_test_split(test_size=held_out, shuffle=True, seed=VALIDATION_SPLIT_SEED)
-            train, validation = split["train"], split["test"]
-            stats["validation_held_out_blocks"] = held_out
+            train, validation, stats = _split_by_documents(tokenized, data_args, block_size, source)
     if data_args.max_eval_samples is not None and len(validation) > data_args.max_eval_samples:
         validation = validation.select(range(data_args.max_eval_samples))
     stats["validation_blocks_used"] = len(validation)
-    if stats.get("train_dropped_tokens"):
-        logger.info(
-            "packing left %d tokens that did not fill a block of %d (end of each map batch of documents)",
-            stats["train_dropped_tokens"],
-            block_size,
-        )
     return LMDatasets(train=train, validation=validation, block_size=block_size, source=source, stats=stats)
 
 

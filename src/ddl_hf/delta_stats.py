@@ -13,7 +13,8 @@ Means are over tokens; `discrepancy_ratio` is mean |e'| / mean |e| (a ratio of m
 when single tokens have |e| near 0). The q-quantile is the inverse empirical CDF (the smallest
 recorded beta with a fraction >= q of the tokens at or below it), read from a histogram of beta
 over [0, 2] with `histogram_bins` bins, so it is exact to 2 / histogram_bins (1e-3 by default);
-everything else is exact. Accumulators stay on the model's device, so recording adds no host syncs.
+everything else is exact. Accumulators stay on the model's device, so recording adds no host syncs:
+padded tokens are masked out with `torch.where` (a fixed shape), never removed by a boolean index.
 
 Attach it with `record_delta_stats(model)` (below), which also excludes padded
 tokens: it reads the 2-D `attention_mask` (1 = token, 0 = padding) of each model call. Under
@@ -51,8 +52,19 @@ class _ShortcutAccumulator:
         self.name, self.layer, self.sublayer, self.bins = name, layer, sublayer, bins
         self.sums: dict[str, torch.Tensor] | None = None
 
-    def add(self, beta: torch.Tensor, e_before: torch.Tensor, e_after: torch.Tensor, v_norm: torch.Tensor) -> None:
-        """Each argument is a flat (N,) fp32 tensor over the N recorded tokens."""
+    def add(
+        self,
+        beta: torch.Tensor,
+        e_before: torch.Tensor,
+        e_after: torch.Tensor,
+        v_norm: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> None:
+        """Each argument is a flat (N,) fp32 tensor over N tokens; `mask` (N,) bool, or None, picks the tokens to
+        record. The masked-out tokens are replaced by neutral values (0 in the sums, +-inf for min and max, -1,
+        outside the histogram's range, for `histc`), never removed: a boolean index (`x[mask]`) would make the host
+        wait for the device to learn how many tokens remain. What the values at masked positions are (NaN
+        included) does not matter."""
         if self.sums is None:
             zeros = torch.zeros((), dtype=torch.float64, device=beta.device)
             self.sums = {key: zeros.clone() for key in ("tokens", "beta", "beta_sq", "e_before", "e_after", "v_norm")}
@@ -63,18 +75,25 @@ class _ShortcutAccumulator:
         if beta.numel() == 0:
             return
         sums = self.sums
+
+        def kept(values: torch.Tensor, neutral: float) -> torch.Tensor:
+            return values if mask is None else torch.where(mask, values, neutral)
+
         beta64 = beta.double()
-        sums["tokens"] += beta.numel()
-        sums["beta"] += beta64.sum()
-        sums["beta_sq"] += beta64.square().sum()
-        sums["e_before"] += e_before.double().sum()
-        sums["e_after"] += e_after.double().sum()
-        sums["v_norm"] += v_norm.double().sum()
-        sums["beta_min"] = torch.minimum(sums["beta_min"], beta64.min())
-        sums["beta_max"] = torch.maximum(sums["beta_max"], beta64.max())
+        sums["tokens"] += beta.numel() if mask is None else mask.sum()
+        sums["beta"] += kept(beta64, 0.0).sum()
+        sums["beta_sq"] += kept(beta64.square(), 0.0).sum()
+        sums["e_before"] += kept(e_before.double(), 0.0).sum()
+        sums["e_after"] += kept(e_after.double(), 0.0).sum()
+        sums["v_norm"] += kept(v_norm.double(), 0.0).sum()
+        sums["beta_min"] = torch.minimum(sums["beta_min"], kept(beta64, math.inf).min())
+        sums["beta_max"] = torch.maximum(sums["beta_max"], kept(beta64, -math.inf).max())
         for name, in_regime in _regime_masks(beta).items():
-            sums[f"regime_{name}"] += in_regime.sum()
-        sums["histogram"] += torch.histc(beta, bins=self.bins, min=BETA_RANGE[0], max=BETA_RANGE[1]).double()
+            sums[f"regime_{name}"] += (in_regime if mask is None else in_regime & mask).sum()
+        # `histc` ignores values outside [min, max]: -1 puts a masked token in no bin.
+        sums["histogram"] += torch.histc(
+            kept(beta, -1.0), bins=self.bins, min=BETA_RANGE[0], max=BETA_RANGE[1]
+        ).double()
 
     def summary(self, quantiles: tuple[float, ...]) -> dict:
         report = {"name": self.name, "layer": self.layer, "sublayer": self.sublayer, "tokens": 0}
@@ -184,11 +203,8 @@ class DeltaStatsRecorder:
         e_after = (k * state_matrix(new_state.float(), d, d_v)).sum(-2) - target
         values = (beta.float().squeeze(-1), e_before.norm(dim=-1), e_after.norm(dim=-1), target.norm(dim=-1))
         mask = self._mask_for(beta.shape[:-1])
-        if mask is None:
-            values = tuple(value.reshape(-1) for value in values)
-        else:
-            values = tuple(value[mask] for value in values)
-        self._accumulators[id(shortcut)].add(*values)
+        values = tuple(value.reshape(-1) for value in values)
+        self._accumulators[id(shortcut)].add(*values, mask=None if mask is None else mask.reshape(-1))
 
     def _mask_for(self, leading_shape: torch.Size) -> torch.Tensor | None:
         if self.token_mask is None:

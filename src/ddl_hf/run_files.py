@@ -7,7 +7,8 @@
   (and the data statistics). A folder that holds checkpoints or a model of a run with other
   arguments is refused, so a resumption never mixes two runs.
 - The data-order logs `data_order/rank{R}.tsv`: one line per micro-batch a process trained on
-  (optimizer step, hash of the input ids), so that runs can be checked to have seen identical data.
+  (optimizer step, hash of the input ids), so that runs can be checked to have seen identical data;
+  written at logging and saving steps (`DataOrderLog`), not in the training loop's every micro-batch.
 - `metrics.json` (final metrics) and the Trainer's `trainer_state.json`, read with transformers'
   own `TrainerState`.
 
@@ -44,6 +45,8 @@ CHECKPOINT_MANIFEST = "ddl_checkpoint_complete.json"
 RUN_ARGS_FILE = "run_args.json"
 METRICS_FILE = "metrics.json"
 DATA_ORDER_DIR = "data_order"
+# Token ids a data-order log holds on the device between two writes, at most (`DataOrderLog`).
+DATA_ORDER_MAX_PENDING_BYTES = 256 << 20
 
 
 def write_json(path: str | Path, payload: dict) -> None:
@@ -218,12 +221,52 @@ def data_order_log(output_dir: str | Path, process_index: int) -> Path:
     return Path(output_dir) / DATA_ORDER_DIR / f"rank{process_index}.tsv"
 
 
-def append_data_order(path: str | Path, step: int, input_ids: torch.Tensor) -> None:
-    """Log one micro-batch of optimizer step `step`: a short hash of its token ids, equal exactly when
-    two runs trained on the same blocks in the same order."""
-    digest = hashlib.sha1(input_ids.detach().cpu().numpy().tobytes()).hexdigest()[:16]
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(f"{step}\t{digest}\n")
+def data_order_line(step: int, input_ids_bytes: bytes) -> str:
+    """One line of a data-order log: the optimizer step and a short hash of a micro-batch's token ids (their
+    bytes in C order), equal exactly when two runs trained on the same blocks in the same order."""
+    return f"{step}\t{hashlib.sha1(input_ids_bytes).hexdigest()[:16]}\n"
+
+
+class DataOrderLog:
+    """The data-order log of one process, written in batches.
+
+    `record` (once per micro-batch, in the training loop) only keeps a reference to the micro-batch's token ids
+    where they are, on the accelerator: no copy to the host, so no device sync, and no file access. `flush` copies
+    everything recorded since the last flush to the host in one transfer, hashes it and appends the lines in one
+    write. `DDLTrainer` flushes at the steps that log or save and when training ends, and always before a
+    checkpoint is committed, so the file holds every micro-batch up to the newest checkpoint (a crash loses only
+    lines of steps after it, which a resumption trains and logs again). Held ids cost 8 bytes per token until the
+    next flush; beyond `max_pending_bytes` (a run that logs and saves rarely), `record` flushes itself."""
+
+    def __init__(self, path: str | Path, max_pending_bytes: int = DATA_ORDER_MAX_PENDING_BYTES) -> None:
+        self.path = Path(path)
+        self.max_pending_bytes = max_pending_bytes
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._pending_bytes = 0
+
+    def record(self, step: int, input_ids: torch.Tensor) -> None:
+        """Note that a micro-batch of optimizer step `step` trained on `input_ids`."""
+        self._pending.append((step, input_ids.detach()))
+        self._pending_bytes += input_ids.numel() * input_ids.element_size()
+        if self._pending_bytes > self.max_pending_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Append the lines of every recorded micro-batch to the file."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        same_dtype = len({ids.dtype for _, ids in pending}) == 1
+        if same_dtype:  # one transfer for all of them
+            host = torch.cat([ids.reshape(-1) for _, ids in pending]).cpu()
+            chunks = host.split([ids.numel() for _, ids in pending])
+        else:
+            chunks = [ids.reshape(-1).cpu() for _, ids in pending]
+        text = "".join(
+            data_order_line(step, chunk.numpy().tobytes()) for (step, _), chunk in zip(pending, chunks, strict=True)
+        )
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(text)
 
 
 def truncate_data_order_log(path: str | Path, last_step: int) -> None:
@@ -252,6 +295,7 @@ __all__ = [
     "write_run_record",
     "check_output_dir",
     "data_order_log",
-    "append_data_order",
+    "data_order_line",
+    "DataOrderLog",
     "truncate_data_order_log",
 ]

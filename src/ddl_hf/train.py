@@ -14,7 +14,7 @@ defaults are the main job, so `ddl train` equals `ddl train configs/train/defaul
 Outputs in `output_dir`: `checkpoint-N/` folders, the final model and tokenizer, `trainer_state.json`,
 `metrics.json`, `loss_curve.png`, `run_args.json` (the run's fingerprint) and
 `data_order/rank{R}.tsv` (a hash of every micro-batch each process trained on, so runs can be
-checked to have seen identical data).
+checked to have seen identical data; written at the steps that log or save, not per micro-batch).
 
 Never losing work (the files behind it are in `run_files.py`): a checkpoint is *committed* only
 after every process has written its files, by a `ddl_checkpoint_complete.json` manifest listing
@@ -48,7 +48,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import DefaultFlowCallback, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging as transformers_logging
 
@@ -60,7 +60,7 @@ from .models.ddl.modeling_ddl import DDLForCausalLM
 from .plots import label_axes, png_figure
 from .run_files import (
     METRICS_FILE,
-    append_data_order,
+    DataOrderLog,
     check_output_dir,
     checkpoint_is_complete,
     commit_checkpoint,
@@ -345,16 +345,40 @@ def no_weight_decay_parameter_names(model: torch.nn.Module) -> set[str]:
 
 
 # --------------------------------------------------------------------------- trainer
+class FlushDataOrder(TrainerCallback):
+    """Writes the data-order log at the end of every step that logs, saves or ends training. It runs right
+    after `DefaultFlowCallback` has decided that, so the callbacks after it find those steps in the file."""
+
+    def __init__(self, data_order: DataOrderLog) -> None:
+        super().__init__()
+        self.data_order = data_order
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_training_stop:
+            self.data_order.flush()
+
+
 class DDLTrainer(Trainer):
     """The HF Trainer with the paper's weight-decay groups, committed checkpoints, cumulative
     wall time in every log (`elapsed_s`, kept across resumptions) and, given `data_order_log`
-    (`run_files.data_order_log`), a log of the micro-batches this process trained on."""
+    (`run_files.data_order_log`), a log of the micro-batches this process trained on. That log is
+    kept on the device during training and written at the steps that log or save, before every
+    checkpoint is committed and when training ends (`run_files.DataOrderLog`)."""
 
     def __init__(self, *args, data_order_log: str | Path | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._data_order_log = Path(data_order_log) if data_order_log is not None else None
+        self._data_order = DataOrderLog(data_order_log) if data_order_log is not None else None
+        if self._data_order is not None:
+            callbacks = self.callback_handler.callbacks
+            after_flow = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
+            callbacks.insert(after_flow, FlushDataOrder(self._data_order))
         self._elapsed_offset = 0.0
         self._session_start = time.perf_counter()
+
+    def flush_data_order(self) -> None:
+        """Write the data-order lines of the micro-batches trained since the last flush."""
+        if self._data_order is not None:
+            self._data_order.flush()
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         exempt = no_weight_decay_parameter_names(model)
@@ -367,18 +391,23 @@ class DDLTrainer(Trainer):
             elapsed = [entry["elapsed_s"] for entry in history if "elapsed_s" in entry]
             self._elapsed_offset = elapsed[-1] if elapsed else 0.0
         self._session_start = time.perf_counter()
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            self.flush_data_order()  # also when training stopped with an error: those batches were trained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs["elapsed_s"] = round(self._elapsed_offset + time.perf_counter() - self._session_start, 3)
+        self.flush_data_order()
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._data_order_log is not None:
-            append_data_order(self._data_order_log, self.state.global_step + 1, inputs["input_ids"])
+        if self._data_order is not None:  # a reference to the ids, no host transfer (run_files.DataOrderLog)
+            self._data_order.record(self.state.global_step + 1, inputs["input_ids"])
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _save_checkpoint(self, model, trial) -> None:
+        self.flush_data_order()  # the log covers the checkpoint's steps before the checkpoint is committed
         limit = self.args.save_total_limit
         # Rotation must wait until the new checkpoint is committed: a crash in between would leave
         # no complete checkpoint.

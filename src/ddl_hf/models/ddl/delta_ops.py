@@ -678,13 +678,15 @@ def token_compress(
     (d, d_v), kernel = read_weight.shape, taps.shape[0]
     batch, tokens = x.shape[:2]
     if tap_mask is not None:
-        x = F.pad(x, (0, 0, padding, 0)).unflatten(-1, (d_v, d))
-        out_tokens = x.shape[1] - kernel + 1
+        # Summed in fp32 and rounded once, as the convolutions accumulate, so that a packed row of a bf16 model
+        # rounds like its documents run alone.
+        windows = upcast(F.pad(x, (0, 0, padding, 0)).unflatten(-1, (d_v, d)))
+        out_tokens = windows.shape[1] - kernel + 1
         out = 0
         for k in range(kernel):
-            tap = (x[:, k : k + out_tokens] * taps[k]).sum(-2)  # (B, T', d)
+            tap = (windows[:, k : k + out_tokens] * upcast(taps[k])).sum(-2)  # (B, T', d)
             out = out + tap * tap_mask[..., k : k + 1]
-        return out
+        return out.to(x.dtype)
     if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
         x = F.pad(x, (0, 0, padding, 0)) if padding else x
         windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
