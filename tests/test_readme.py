@@ -23,24 +23,35 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     exec(compile(PYTHON_BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)
 
 
-def readme_figure(pattern: str) -> str:
-    found = re.findall(pattern, " ".join(README.read_text().split()))
+def readme_figure(readme: str, pattern: str):
+    found = re.findall(pattern, " ".join(readme.split()))
     assert len(found) == 1, (pattern, found)
     return found[0]
+
+
+def check_main_job_figures(stdout: str, readme: str) -> None:
+    """The final validation loss `ddl train` printed is the README's, at the top (2 decimals) and in "Training:
+    `ddl train`" (4 decimals, with the perplexity rounded)."""
+    printed = re.search(r"final validation loss (\d+\.\d{4}) \| perplexity (\d+\.\d{2}) \|", stdout)
+    assert printed is not None, stdout[-2000:]
+    loss, perplexity = printed.group(1), float(printed.group(2))
+    assert readme_figure(readme, r"final validation loss (\d+\.\d+)\):") == f"{float(loss):.2f}", loss
+    training = readme_figure(readme, r"final validation loss (\d+\.\d+), perplexity (\d+)\)")
+    assert training == (loss, f"{perplexity:.0f}"), (loss, perplexity)
 
 
 @pytest.mark.slow
 def test_the_first_command_gives_the_main_job_figures(tmp_path):
     """The README's first command, as a reader runs it (the installs done: this environment has them): `ddl train`
-    in a fresh folder, offline, with the thread defaults of the `ddl` command. The final validation loss it prints is
-    the one the README states at the top (2 decimals) and in "Training: `ddl train`" (4 decimals, with the
-    perplexity rounded). About 3 minutes on an idle 2-core CPU, up to ~15 on a loaded one."""
+    in a fresh folder, offline, with the thread defaults of the `ddl` command; it prints the README's figures
+    (`check_main_job_figures`). About 3 minutes on an idle 2-core CPU, 10 or more on a loaded one."""
     import shutil
     import subprocess
 
     from conftest import offline_env
 
-    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S).group(1).strip()
+    readme = README.read_text()
+    first_block = re.search(r"```bash\n(.*?)```", readme, flags=re.S).group(1).strip()
     installs, _, command = first_block.rpartition(" && ")
     assert installs == "pip install torch==2.13.0 && pip install -e ." and command == "ddl train"
     ddl = shutil.which("ddl")
@@ -54,9 +65,4 @@ def test_the_first_command_gives_the_main_job_figures(tmp_path):
         timeout=2400,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    printed = re.search(r"final validation loss (\d+\.\d{4}) \| perplexity (\d+\.\d{2}) \|", result.stdout)
-    assert printed is not None, result.stdout[-2000:]
-    loss, perplexity = printed.group(1), float(printed.group(2))
-    assert readme_figure(r"final validation loss (\d+\.\d+)\):") == f"{float(loss):.2f}", loss
-    training = readme_figure(r"final validation loss (\d+\.\d+), perplexity (\d+)\)")
-    assert training == (loss, f"{perplexity:.0f}"), (loss, perplexity)
+    check_main_job_figures(result.stdout, readme)

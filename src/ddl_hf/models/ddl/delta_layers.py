@@ -537,8 +537,8 @@ class StateCompressor(_StateModule):
 
         `new_state` (B, T, d_v * d) is what the reference path reads (the plain definition). A token
         compressor needs it: it stores its last inputs in `cache` (conv state `state_idx`), and while
-        decoding (the cache holds earlier inputs) it reads the new state with them, and with packed
-        documents (`document_positions`) it reads the new state through the masked taps.
+        decoding (the cache holds earlier inputs) it reads the new state with them. With packed documents
+        (`document_positions`) no tap reads across a document start.
         """
         if self.conv_weight is None:
             if new_state is None:
@@ -551,16 +551,20 @@ class StateCompressor(_StateModule):
             raise ValueError("StateCompressor.read_after_write with kind='token' needs `new_state`")
         kernel_size = self.conv_weight.shape[-1]
         x, padding = _conv_inputs(new_state, kernel_size, cache, self.cache_layer_idx, state_idx, padding_mask)
-        tap_mask = _tap_mask(document_positions, kernel_size, cache)
-        # Decoding (the window starts with earlier tokens' inputs) and packed documents read the new state.
-        if padding < kernel_size - 1 or tap_mask is not None:
-            return token_compress(
-                x, self.conv_weight, self.read_matrix(), padding, use_fast_path=self.use_fast_path, tap_mask=tap_mask
-            )
+        if padding < kernel_size - 1:  # decoding: the window starts with earlier tokens' inputs
+            return token_compress(x, self.conv_weight, self.read_matrix(), padding, use_fast_path=self.use_fast_path)
         if padding_mask is not None:  # masked tokens write nothing, as their state reads as zero
             write = write.masked_fill(~padding_mask.unsqueeze(-1), 0.0)
         return token_compress_after_write(
-            x, read, h, write, self.conv_weight, self.read_matrix(), padding, use_fast_path=self.use_fast_path
+            x,
+            read,
+            h,
+            write,
+            self.conv_weight,
+            self.read_matrix(),
+            padding,
+            use_fast_path=self.use_fast_path,
+            tap_mask=_tap_mask(document_positions, kernel_size, cache),
         )
 
 

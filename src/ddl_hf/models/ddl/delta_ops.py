@@ -557,6 +557,18 @@ def _folded_conv(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Ten
     return out.transpose(1, 2)
 
 
+def _masked_folded_conv(x: torch.Tensor, taps: torch.Tensor, padding: int, tap_mask: torch.Tensor) -> torch.Tensor:
+    """`_folded_conv` with the taps that `tap_mask` (B, T', K) drops left out (packed documents): the kept taps'
+    shifted products of the state summed, one pass over (B, T', d_v, d) each. (B, T_in, d_v * d) -> (B, T', d)."""
+    kernel, d_v, d = taps.shape
+    x = F.pad(x, (0, 0, padding, 0)).unflatten(-1, (d_v, d))
+    out_tokens = x.shape[1] - kernel + 1
+    out = 0
+    for k in range(kernel):
+        out = out + (x[:, k : k + out_tokens] * taps[k]).sum(-2) * tap_mask[..., k : k + 1]
+    return out
+
+
 def _shifted_windows(kernel: int, padding: int, out_tokens: int) -> Iterator[tuple[int, slice, slice]]:
     """(k, outputs, inputs) for each tap k of a causal convolution with `padding` zero tokens before its input:
     output token t reads input token t + k - padding, for the outputs whose input is a real token."""
@@ -680,13 +692,7 @@ def token_compress(
     if tap_mask is not None:
         # Summed in fp32 and rounded once, as the convolutions accumulate, so that a packed row of a bf16 model
         # rounds like its documents run alone.
-        windows = upcast(F.pad(x, (0, 0, padding, 0)).unflatten(-1, (d_v, d)))
-        out_tokens = windows.shape[1] - kernel + 1
-        out = 0
-        for k in range(kernel):
-            tap = (windows[:, k : k + out_tokens] * upcast(taps[k])).sum(-2)  # (B, T', d)
-            out = out + tap * tap_mask[..., k : k + 1]
-        return out.to(x.dtype)
+        return _masked_folded_conv(upcast(x), upcast(taps), padding, tap_mask).to(x.dtype)
     if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
         x = F.pad(x, (0, 0, padding, 0)) if padding else x
         windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
@@ -704,11 +710,12 @@ def token_read_after_write_reference(
     conv_weight: torch.Tensor,
     read_weight: torch.Tensor,
     padding: int = 0,
+    tap_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain reference of `token_read_after_write`: the token compressor of the materialized write h w^T, added
     to `read`, in fp32, returned in `read.dtype`."""
     written = (upcast(write).unsqueeze(-1) * upcast(h).unsqueeze(-2)).flatten(-2)  # (B, T, d_v * d), value major
-    update = token_compress_reference(written, upcast(conv_weight), upcast(read_weight), padding)
+    update = token_compress_reference(written, upcast(conv_weight), upcast(read_weight), padding, tap_mask)
     return (upcast(read) + update).to(read.dtype)
 
 
@@ -724,14 +731,20 @@ def _write_taps(write: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return (write @ _taps_by_value(taps)).unflatten(-1, (kernel, d))
 
 
-def _token_write_read(h: torch.Tensor, write: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
+def _token_write_read(
+    h: torch.Tensor, write: torch.Tensor, taps: torch.Tensor, padding: int, tap_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """The folded convolution of the write h w^T without materializing it: (B, T_in, d), (B, T_in, d_v), taps
-    (K, d_v, d) -> (B, T_in + padding - K + 1, d), out[t, i] = sum_k h[s, i] u[s, k, i] with s = t + k - padding."""
+    (K, d_v, d) -> (B, T_in + padding - K + 1, d), out[t, i] = sum_k h[s, i] u[s, k, i] with s = t + k - padding;
+    `tap_mask` (B, T', K) drops taps (packed documents), under autograd through the in-place sums."""
     kernel, out_tokens = taps.shape[0], h.shape[1] + padding - taps.shape[0] + 1
     per_tap = _write_taps(write, taps)
     out = h.new_zeros(h.shape[0], out_tokens, h.shape[-1])
     for k, outputs, inputs in _shifted_windows(kernel, padding, out_tokens):
-        out[:, outputs].addcmul_(h[:, inputs], per_tap[:, inputs, k])
+        tap = per_tap[:, inputs, k]
+        if tap_mask is not None:  # packed documents: the same sums with the dropped taps' terms made exact zeros
+            tap = tap * tap_mask[:, outputs, k : k + 1]
+        out[:, outputs].addcmul_(h[:, inputs], tap)
     return out
 
 
@@ -775,6 +788,7 @@ def token_read_after_write(
     read_weight: torch.Tensor,
     padding: int = 0,
     use_fast_path: bool = True,
+    tap_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The token compressor's read of X + h w^T from its read of X, without X.
 
@@ -787,15 +801,19 @@ def token_read_after_write(
         read: (B, T', d) the compressor's read of X (`token_compress` with the same padding).
         h: (B, T_in, d) the written direction (the sublayer output).
         write: (B, T_in, d_v) the write w of `delta_update(..., return_write=True)`.
-        conv_weight, read_weight, padding: as in `token_compress`.
+        conv_weight, read_weight, padding, tap_mask: as in `token_compress`.
 
     Returns:
         (B, T', d) in `read.dtype`, T' = T_in + padding - K + 1, computed in fp32.
     """
     if not _fast(use_fast_path):
-        return token_read_after_write_reference(read, h, write, conv_weight, read_weight, padding)
+        return token_read_after_write_reference(read, h, write, conv_weight, read_weight, padding, tap_mask)
     taps = upcast(_folded_taps(conv_weight, read_weight))
     inputs = (upcast(read), upcast(h), upcast(write), taps)
+    if tap_mask is not None:
+        # The unmasked sums' own arithmetic (a dropped tap adds an exact zero), so that a packed row rounds exactly
+        # like its documents run alone; autograd differentiates the in-place sums.
+        return (inputs[0] + _token_write_read(*inputs[1:], padding, tap_mask)).to(read.dtype)
     with _full_precision(read):
         if _needs_autograd(*inputs):
             return _TokenReadAfterWrite.apply(*inputs, padding).to(read.dtype)
@@ -811,6 +829,7 @@ def token_compress_after_write(
     read_weight: torch.Tensor,
     padding: int = 0,
     use_fast_path: bool = True,
+    tap_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The token compressor's read of the new state X' = X + h w^T, given its read of X.
 
@@ -819,8 +838,8 @@ def token_compress_after_write(
     (`token_read_after_write`), so nothing keeps X' for backward.
     """
     if not _fast(use_fast_path):
-        return token_compress_reference(new_state, conv_weight, read_weight, padding).to(read.dtype)
-    return token_read_after_write(read, h, write, conv_weight, read_weight, padding)
+        return token_compress_reference(new_state, conv_weight, read_weight, padding, tap_mask).to(read.dtype)
+    return token_read_after_write(read, h, write, conv_weight, read_weight, padding, tap_mask=tap_mask)
 
 
 __all__ = [
