@@ -6,7 +6,7 @@ machine that is doing something else, the spinning thread burns the core that it
 the other program, needs: next to one other 2-thread job on 2 cores a training step of the main
 job got 7 to 14 times slower. A spin of 1,000 iterations, then sleep, keeps the idle speed (within
 2%) and most of the loaded speed of never spinning (`OMP_WAIT_POLICY=PASSIVE`, which costs about
-3% on an idle machine); the measurements are in the README. libgomp reads its settings once, when
+3% on an idle machine); the measurements are in docs/performance.md. libgomp reads its settings once, when
 `import torch` loads it, so they must be in the environment before torch is imported.
 
 This module is deliberately outside the `ddl_hf` package: importing any `ddl_hf` module runs
@@ -33,7 +33,7 @@ The defaults only fill what the user left unset:
   training step's activations and gradients (MiB each) are then faulted in again, page by page,
   at every step. Keeping them made training steps 3 to 13% shorter for the baseline and 16 to 18%
   for DDL-CC on this project's CPU (mini preset) and cut the page faults by 6 to 8x (measurements in
-  the README, "A busy CPU"); the process's resident memory stays at its peak
+  docs/performance.md, "A busy CPU"); the process's resident memory stays at its peak
   instead of shrinking between steps. glibc reads these variables when a process starts, so the
   running process gets the same settings through `mallopt`; other C libraries ignore them.
 
@@ -52,7 +52,7 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
 # A bounded spin, then sleep: libgomp's default is 300,000 iterations, PASSIVE is 0. The
-# measurements behind the value are in the README ("A busy CPU: the OpenMP and malloc defaults of the commands").
+# measurements behind the value are in docs/performance.md ("A busy CPU: the OpenMP and malloc defaults of the commands").
 WAIT_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
 # Either of these set means "I chose how libgomp's threads wait": leave waiting alone.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")

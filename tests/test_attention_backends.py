@@ -3,7 +3,7 @@
 `DDLPreTrainedModel` declares eager, sdpa, flex_attention and flash-attention, as Llama does. On this CPU:
 eager and sdpa run forward, backward and cached generation; flex_attention runs the forward (torch 2.13 has
 no CPU backward for it, and its CPU decoding kernel fails to compile for transformers' own Llama too);
-flash-attention needs CUDA. The README's "Attention backends" table says the same.
+flash-attention needs CUDA. The "Attention backends" table of docs/model.md says the same.
 """
 
 import pytest

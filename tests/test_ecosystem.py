@@ -1,6 +1,6 @@
 """DDL models inside the tools people already use: peft, pipelines, lm-evaluation-harness, model cards.
 
-LoRA module names of a DDL model (documented in the README section "Using DDL models with other tools"):
+LoRA module names of a DDL model (documented in docs/ecosystem.md):
 
 - attention: `q_proj`, `k_proj`, `v_proj`, `o_proj`
 - SwiGLU MLP: `gate_proj`, `up_proj`, `down_proj`

@@ -30,8 +30,8 @@ def readme_figure(readme: str, pattern: str):
 
 
 def check_main_job_figures(stdout: str, readme: str) -> None:
-    """The final validation loss `ddl train` printed is the README's, at the top (2 decimals) and in "Training:
-    `ddl train`" (4 decimals, with the perplexity rounded)."""
+    """The final validation loss `ddl train` printed is the README's, at the top (2 decimals) and in "Results"
+    (4 decimals, with the perplexity rounded)."""
     printed = re.search(r"final validation loss (\d+\.\d{4}) \| perplexity (\d+\.\d{2}) \|", stdout)
     assert printed is not None, stdout[-2000:]
     loss, perplexity = printed.group(1), float(printed.group(2))
