@@ -51,8 +51,8 @@ import warnings
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
-# A bounded spin, then sleep: libgomp's default is 300,000 iterations, PASSIVE is 0. The
-# measurements behind the value are in docs/performance.md ("A busy CPU: the OpenMP and malloc defaults of the commands").
+# A bounded spin, then sleep: libgomp's default is 300,000 iterations, PASSIVE is 0. The measurements behind the
+# value are in docs/performance.md ("A busy CPU: the OpenMP and malloc defaults of the commands").
 WAIT_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
 # Either of these set means "I chose how libgomp's threads wait": leave waiting alone.
 WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
