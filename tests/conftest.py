@@ -26,6 +26,30 @@ def _seed():
     yield
 
 
+# --------------------------------------------------------------------------- the device under test
+# `DDL_TEST_DEVICE` (default "cpu") picks where the tests marked `device` put their tensors and models
+# (`scripts/gpu_check.py` runs them with `DDL_TEST_DEVICE=cuda pytest -m device`). Inputs are still drawn on the CPU
+# from the same seeds and moved, so a test sees the same numbers on every device.
+TEST_DEVICE = torch.device(os.environ.get("DDL_TEST_DEVICE", "cpu"))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device of the tests marked `device` (`DDL_TEST_DEVICE`, default cpu). On CUDA it switches TF32 off
+    for the test (cuDNN convolutions default to it), so that fp32 means fp32 there as it does on the CPU."""
+    if TEST_DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"DDL_TEST_DEVICE={TEST_DEVICE} but CUDA is not available")
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:  # with its index, so that it compares equal to the devices of the tensors placed on it
+            yield TEST_DEVICE if TEST_DEVICE.index is not None else torch.device("cuda", torch.cuda.current_device())
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return
+    yield TEST_DEVICE
+
+
 # --------------------------------------------------------------------------- builders shared by the test files
 # Plain functions, imported as `from conftest import tiny_model, ...`: pytest's default "prepend" import mode puts
 # this folder (it has no __init__.py) on sys.path, and the module it imports as `conftest` is this one.

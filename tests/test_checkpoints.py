@@ -58,13 +58,22 @@ def _rewrite_weights(folder: Path, edit) -> None:
 
 
 # --------------------------------------------------------------------------- good checkpoints still load
-def test_valid_checkpoint_round_trips_with_empty_loading_info(saved):
+@pytest.mark.device
+def test_valid_checkpoint_round_trips_with_empty_loading_info(saved, device):
+    """Loaded onto the device under test (`device_map`), the checkpoint gives the logits of the saved model run
+    there; on the CPU those are the logits recorded when it was saved, bit for bit."""
     path, inputs, logits = saved
-    model, info = DDLForCausalLM.from_pretrained(path, output_loading_info=True)
+    if device.type != "cpu":
+        with torch.no_grad():
+            logits = DDLForCausalLM.from_pretrained(path).eval().to(device)(input_ids=inputs.to(device)).logits
+    placement = {} if device.type == "cpu" else {"device_map": str(device)}
+    model, info = DDLForCausalLM.from_pretrained(path, output_loading_info=True, **placement)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    assert {parameter.device for parameter in model.parameters()} == {device}
+    inputs = inputs.to(device)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=inputs).logits, logits, rtol=0, atol=0)
-        auto = AutoModelForCausalLM.from_pretrained(path)
+        auto = AutoModelForCausalLM.from_pretrained(path, **placement)
         torch.testing.assert_close(auto(input_ids=inputs).logits, logits, rtol=0, atol=0)
 
 

@@ -116,13 +116,14 @@ def is_value_major(matrix: torch.Tensor) -> bool:
     return matrix.transpose(-1, -2).is_contiguous()
 
 
-def random_problem(leading, d, d_v, dtype=torch.float32, generator=None, layout="value-major"):
-    """State X (*leading, d, d_v), h (*leading, d), beta (*leading, 1) in (0, 2), v (*leading, d_v)."""
+def random_problem(leading, d, d_v, dtype=torch.float32, generator=None, layout="value-major", device="cpu"):
+    """State X (*leading, d, d_v), h (*leading, d), beta (*leading, 1) in (0, 2), v (*leading, d_v), drawn on the
+    CPU and moved to `device` (strides kept)."""
     state = random_state(leading, d, d_v, dtype, generator, layout)
     h = (3.0 * torch.randn(*leading, d, generator=generator)).to(dtype)
     beta = (2.0 * torch.rand(*leading, 1, generator=generator)).to(dtype)
     v = torch.randn(*leading, d_v, generator=generator).to(dtype)
-    return [tensor.requires_grad_() for tensor in (state, h, beta, v)]
+    return [tensor.to(device).requires_grad_() for tensor in (state, h, beta, v)]
 
 
 def value_and_grads(function, inputs, weights):
@@ -140,9 +141,10 @@ SHAPES = [((6,), 16, 1), ((2, 5), 24, 1), ((7,), 16, 4), ((3, 4), 32, 2), ((9,),
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
 @pytest.mark.parametrize("leading,d,d_v", SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_delta_update_matches_reference_fp32(leading, d, d_v, erase, save_output, layout):
-    inputs = random_problem(leading, d, d_v, layout=layout)
-    weights = torch.randn(*leading, d, d_v)
+@pytest.mark.device
+def test_delta_update_matches_reference_fp32(leading, d, d_v, erase, save_output, layout, device):
+    inputs = random_problem(leading, d, d_v, layout=layout, device=device)
+    weights = torch.randn(*leading, d, d_v).to(device)
     fast, fast_grads = value_and_grads(
         lambda *a: delta_update(*a, EPS, erase=erase, save_output=save_output), inputs, weights
     )
@@ -190,9 +192,10 @@ def delta_update_truth(inputs, weights, erase: bool) -> tuple:
 @pytest.mark.parametrize("erase", [True, False], ids=["delta", "write-only"])
 @pytest.mark.parametrize("d_v", [1, 4])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_delta_update_matches_reference_bf16(d_v, erase, save_output, layout):
-    inputs = random_problem((4, 6), 32, d_v, dtype=torch.bfloat16, layout=layout)
-    weights = torch.randn(4, 6, 32, d_v)
+@pytest.mark.device
+def test_delta_update_matches_reference_bf16(d_v, erase, save_output, layout, device):
+    inputs = random_problem((4, 6), 32, d_v, dtype=torch.bfloat16, layout=layout, device=device)
+    weights = torch.randn(4, 6, 32, d_v).to(device)
     fast, fast_grads = value_and_grads(
         lambda *a: delta_update(*a, EPS, erase=erase, save_output=save_output), inputs, weights
     )
@@ -362,14 +365,15 @@ def test_fast_paths_trace_under_torch_compile():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_channel_read_after_write_matches_reference(dtype):
+@pytest.mark.device
+def test_channel_read_after_write_matches_reference(dtype, device):
     inputs = [
-        torch.randn(3, 5, 16).to(dtype).requires_grad_(),
-        torch.randn(3, 5, 16).to(dtype).requires_grad_(),
-        torch.randn(3, 5, 4).requires_grad_(),
-        torch.randn(16, 4).to(dtype).requires_grad_(),
+        torch.randn(3, 5, 16).to(device, dtype).requires_grad_(),
+        torch.randn(3, 5, 16).to(device, dtype).requires_grad_(),
+        torch.randn(3, 5, 4).to(device).requires_grad_(),
+        torch.randn(16, 4).to(device, dtype).requires_grad_(),
     ]
-    weights = torch.randn(3, 5, 16)
+    weights = torch.randn(3, 5, 16).to(device)
     fast, fast_grads = value_and_grads(channel_read_after_write, inputs, weights)
     ref, ref_grads = value_and_grads(channel_read_after_write_reference, inputs, weights)
     assert fast.dtype == dtype and [g.dtype for g in fast_grads] == [t.dtype for t in inputs]
@@ -397,10 +401,11 @@ def test_channel_read_after_write_matches_reference(dtype):
     ids=["fp32", "bf16", "bf16-state-fp32-weight"],
 )
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_channel_compress_matches_reference(dtype, weight_dtype, layout):
-    matrix = random_state((3, 7), 24, 4, dtype, layout=layout).requires_grad_()
-    read_weight = torch.randn(24, 4).to(weight_dtype).requires_grad_()
-    weights = torch.randn(3, 7, 24)
+@pytest.mark.device
+def test_channel_compress_matches_reference(dtype, weight_dtype, layout, device):
+    matrix = random_state((3, 7), 24, 4, dtype, layout=layout).to(device).requires_grad_()
+    read_weight = torch.randn(24, 4).to(device, weight_dtype).requires_grad_()
+    weights = torch.randn(3, 7, 24).to(device)
     inputs = [matrix, read_weight]
     fast, fast_grads = value_and_grads(channel_compress, inputs, weights)
     ref, ref_grads = value_and_grads(channel_compress_reference, inputs, weights)
@@ -508,15 +513,16 @@ def test_fast_paths_give_value_major_states_and_state_gradients(erase, save_outp
 
 @pytest.mark.parametrize("tokens", [1, 3, 40], ids=["decode-step", "few-tokens", "convolution"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_token_compress_matches_reference(tokens, dtype):
+@pytest.mark.device
+def test_token_compress_matches_reference(tokens, dtype, device):
     """The folded (K, d_v) depthwise convolution over the value-major state, and the windows product of a few
     tokens, against filtering every channel and then reading: forward and every gradient, every padding."""
     d, d_v, kernel = 12, 4, 4
     for padding in range(kernel):
-        x = torch.randn(2, tokens + kernel - 1 - padding, d_v * d).to(dtype).requires_grad_()
-        filters = (0.5 * torch.randn(d * d_v, 1, kernel)).to(dtype).requires_grad_()
-        read_weight = torch.randn(d, d_v).to(dtype).requires_grad_()
-        inputs, weights = [x, filters, read_weight], torch.randn(2, tokens, d)
+        x = torch.randn(2, tokens + kernel - 1 - padding, d_v * d).to(device, dtype).requires_grad_()
+        filters = (0.5 * torch.randn(d * d_v, 1, kernel)).to(device, dtype).requires_grad_()
+        read_weight = torch.randn(d, d_v).to(device, dtype).requires_grad_()
+        inputs, weights = [x, filters, read_weight], torch.randn(2, tokens, d).to(device)
         fast, fast_grads = value_and_grads(lambda *a, p=padding: token_compress(*a, p), inputs, weights)
         ref, ref_grads = value_and_grads(lambda *a, p=padding: token_compress_reference(*a, p), inputs, weights)
         assert fast.shape == ref.shape == (2, tokens, d) and fast.dtype == dtype
@@ -562,7 +568,8 @@ def test_token_compress_reads_channel_j_times_d_plus_i_as_feature_i_value_j():
 
 @pytest.mark.parametrize("tokens", [1, 3, 40], ids=["decode-step", "few-tokens", "convolution"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_token_read_after_write_matches_reference(tokens, dtype):
+@pytest.mark.device
+def test_token_read_after_write_matches_reference(tokens, dtype, device):
     """The token compressor's read of a rank-1 write h w^T from h and w alone, against compressing the
     materialized write: forward and every gradient, every padding."""
     generator = torch.Generator().manual_seed(3)
@@ -576,8 +583,8 @@ def test_token_read_after_write_matches_reference(tokens, dtype):
             (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(dtype),
             torch.randn(d, d_v, generator=generator).to(dtype),
         ]
-        inputs = [tensor.requires_grad_() for tensor in inputs]
-        weights = torch.randn(2, tokens, d, generator=generator)
+        inputs = [tensor.to(device).requires_grad_() for tensor in inputs]
+        weights = torch.randn(2, tokens, d, generator=generator).to(device)
         fast, fast_grads = value_and_grads(lambda *a, p=padding: token_read_after_write(*a, p), inputs, weights)
         ref, ref_grads = value_and_grads(lambda *a, p=padding: token_read_after_write_reference(*a, p), inputs, weights)
         assert fast.shape == ref.shape == (2, tokens, d) and fast.dtype == dtype
@@ -675,9 +682,10 @@ def logits_and_grads(model, input_ids, attention_mask):
 
 
 @pytest.mark.parametrize("variant", sorted(PRESET_VARIANTS))
-def test_model_logits_and_gradients_equal_the_reference_paths(variant):
-    model = perturb(tiny_model(variant), 0.05)
-    input_ids, attention_mask = padded_batch(model.config.vocab_size)
+@pytest.mark.device
+def test_model_logits_and_gradients_equal_the_reference_paths(variant, device):
+    model = perturb(tiny_model(variant), 0.05).to(device)
+    input_ids, attention_mask = (tensor.to(device) for tensor in padded_batch(model.config.vocab_size))
     logits, grads = logits_and_grads(model, input_ids, attention_mask)
     with reference_paths():
         ref_logits, ref_grads = logits_and_grads(model, input_ids, attention_mask)
@@ -694,13 +702,14 @@ def relative_error(got: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("variant", sorted(PRESET_VARIANTS))
-def test_bf16_model_fast_paths_are_as_accurate_as_the_references(variant):
+@pytest.mark.device
+def test_bf16_model_fast_paths_are_as_accurate_as_the_references(variant, device):
     """A model cast to bf16: fast and reference paths round at different places, so they are compared with the
     same weights in float64, which both approximate. The fast paths' logits and gradients must be as close to it
     as the references' (gate-bias gradients are sums with cancellation, a few times noisier in bf16 on either
     path, so the gradients are compared by their median error)."""
-    model = perturb(tiny_model(variant), 0.05).to(torch.bfloat16)
-    input_ids, attention_mask = padded_batch(model.config.vocab_size)
+    model = perturb(tiny_model(variant), 0.05).to(device, torch.bfloat16)
+    input_ids, attention_mask = (tensor.to(device) for tensor in padded_batch(model.config.vocab_size))
     logits, grads = logits_and_grads(model, input_ids, attention_mask)
     with reference_paths():
         ref_logits, ref_grads = logits_and_grads(model, input_ids, attention_mask)
@@ -749,9 +758,10 @@ def test_float64_model_computes_in_float64(variant):
 
 
 @pytest.mark.parametrize("variant", ["ddl-scalar", "ddl-cc", "ddl-tc"])
-def test_cached_decoding_equals_the_reference_paths(variant):
-    model = perturb(tiny_model(variant), 0.05).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (2, 6))
+@pytest.mark.device
+def test_cached_decoding_equals_the_reference_paths(variant, device):
+    model = perturb(tiny_model(variant), 0.05).eval().to(device)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6)).to(device)
 
     def greedy_logits():
         with torch.no_grad():
@@ -845,22 +855,23 @@ BRANCH_TOKENS = {"few-tokens-and-decode-step": 4, "convolution": 12}
 @pytest.mark.slow
 @pytest.mark.parametrize("branch", list(BRANCH_TOKENS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_inductor_compiled_fused_ops_match_the_eager_references_forward_and_every_gradient(dtype, branch):
+@pytest.mark.device
+def test_inductor_compiled_fused_ops_match_the_eager_references_forward_and_every_gradient(dtype, branch, device):
     """What a GPU run compiles (inductor writes C++ here and Triton there from the same graph): the fused paths,
     compiled, against the plain references in eager mode, forward and the gradient of every input, then the
     inference branches (no autograd functions) under `no_grad`, which compile a graph of their own."""
     generator = torch.Generator().manual_seed(7)
     d, d_v, kernel, tokens = 16, 4, 4, BRANCH_TOKENS[branch]
-    state, h, beta, v = random_problem((2, tokens), d, d_v, dtype, generator)
+    state, h, beta, v = random_problem((2, tokens), d, d_v, dtype, generator, device=device)
     extra = [
         torch.randn(d, d_v, generator=generator),  # read weight
         0.5 * torch.randn(d * d_v, 1, kernel, generator=generator),  # TC filters
         0.5 * torch.randn(d * d_v, 1, kernel, generator=generator),  # EC filters
         torch.randn(2, tokens, d, generator=generator),  # embeddings
     ]
-    inputs = [state, h, beta, v, *(tensor.to(dtype).requires_grad_() for tensor in extra)]
+    inputs = [state, h, beta, v, *(tensor.to(device, dtype).requires_grad_() for tensor in extra)]
     with reference_paths(), torch.no_grad():
-        weights = torch.randn(_every_fused_op(*inputs).shape, generator=generator)
+        weights = torch.randn(_every_fused_op(*inputs).shape, generator=generator).to(device)
     with reference_paths():
         expected, expected_grads = value_and_grads(_every_fused_op, inputs, weights)
     torch._dynamo.reset()
@@ -880,17 +891,18 @@ def test_inductor_compiled_fused_ops_match_the_eager_references_forward_and_ever
 
 @pytest.mark.parametrize("branch", list(BRANCH_TOKENS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_inference_branches_give_the_bits_of_the_autograd_branches(dtype, branch):
+@pytest.mark.device
+def test_inference_branches_give_the_bits_of_the_autograd_branches(dtype, branch, device):
     """Without autograd every op runs its forward math without the autograd function (or custom operator):
     the results must not depend on the grad mode, bit for bit, on every branch."""
     generator = torch.Generator().manual_seed(11)
     d, d_v, kernel, tokens = 16, 4, 4, BRANCH_TOKENS[branch]
-    inputs = random_problem((2, tokens), d, d_v, dtype, generator)
+    inputs = random_problem((2, tokens), d, d_v, dtype, generator, device=device)
     inputs += [
-        torch.randn(d, d_v, generator=generator).to(dtype).requires_grad_(),
-        (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(dtype).requires_grad_(),
-        (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(dtype).requires_grad_(),
-        torch.randn(2, tokens, d, generator=generator).to(dtype).requires_grad_(),
+        torch.randn(d, d_v, generator=generator).to(device, dtype).requires_grad_(),
+        (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(device, dtype).requires_grad_(),
+        (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(device, dtype).requires_grad_(),
+        torch.randn(2, tokens, d, generator=generator).to(device, dtype).requires_grad_(),
     ]
     with_autograd = _every_fused_op(*inputs)
     assert with_autograd.requires_grad
@@ -899,7 +911,75 @@ def test_inference_branches_give_the_bits_of_the_autograd_branches(dtype, branch
     assert torch.equal(with_autograd, without)
 
 
-def test_token_compress_operators_pass_torch_library_opcheck():
+@pytest.mark.device
+@pytest.mark.parametrize("tokens", [2, 40], ids=["few-tokens", "convolution"])
+def test_token_compress_under_autocast_gives_one_dtype_in_every_mode(tokens, device):
+    """Under bf16 autocast with fp32 inputs, the token compressor runs like a convolution under autocast (the
+    reference's conv1d): bf16 inputs, a bf16 result. With autograd, without it and compiled it gives the same
+    dtype and values, and the custom operator that autograd and the compiler call returns what its fake declares."""
+    d, d_v, kernel = 12, 4, 4
+    generator = torch.Generator().manual_seed(13)
+    x = torch.randn(2, tokens + kernel - 1, d_v * d, generator=generator).to(device).requires_grad_()
+    filters = (0.5 * torch.randn(d * d_v, 1, kernel, generator=generator)).to(device).requires_grad_()
+    read_weight = torch.randn(d, d_v, generator=generator).to(device).requires_grad_()
+    inputs = [x, filters, read_weight]
+
+    def compress(*a):
+        return token_compress(*a, padding=kernel - 1)
+
+    compiled = torch.compile(compress, backend="aot_eager", fullgraph=True, dynamic=False)
+    torch._dynamo.reset()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        eager = compress(*inputs)
+        with torch.no_grad():
+            inference = compress(*inputs)
+        got = compiled(*inputs)
+        reference = token_compress_reference(*inputs, kernel - 1)
+    torch._dynamo.reset()
+    assert eager.dtype == inference.dtype == got.dtype == torch.bfloat16
+    assert torch.equal(eager, inference)
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    torch.testing.assert_close(eager.float(), reference.float(), **bf16_tolerance(reference))
+    eager_grads = torch.autograd.grad(eager.float().square().sum(), inputs)
+    got_grads = torch.autograd.grad(got.float().square().sum(), inputs)
+    for name, eager_grad, got_grad in zip(("x", "filters", "read"), eager_grads, got_grads):
+        assert eager_grad.dtype == got_grad.dtype == torch.float32, name
+        torch.testing.assert_close(got_grad, eager_grad, rtol=1e-5, atol=1e-5, msg=name)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        operator_inputs = (x.detach().contiguous(), torch.randn(kernel, d_v, d, generator=generator).to(device))
+        real = delta_ops._token_compress_op(*operator_inputs, kernel - 1)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = delta_ops._token_compress_op(*(mode.from_tensor(t) for t in operator_inputs), kernel - 1)
+    assert real.dtype == fake.dtype == torch.float32 and real.shape == fake.shape and real.stride() == fake.stride()
+
+
+@pytest.mark.device
+def test_reads_after_a_write_stay_fp32_under_autocast_in_every_branch(device):
+    """Under bf16 autocast the reads after a write compute in fp32 on every branch, as their autograd paths do:
+    the channel read gives the same bits without autograd, and the token read of a packed row (a tap mask that
+    drops nothing) gives the bits of the unpacked one."""
+    generator = torch.Generator().manual_seed(17)
+    d, d_v, kernel, tokens = 12, 4, 4, 40
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator)).to(device).requires_grad_()
+
+    read, h, write, read_weight = draw(2, tokens, d), draw(2, tokens, d), draw(2, tokens, d_v), draw(d, d_v)
+    filters = draw(d * d_v, 1, kernel, scale=0.5)
+    keep_all = torch.ones(2, tokens, kernel, dtype=torch.bool, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        channel = channel_read_after_write(read, h, write, read_weight)
+        with torch.no_grad():
+            channel_inference = channel_read_after_write(read, h, write, read_weight)
+        token = token_read_after_write(read, h, write, filters, read_weight, padding=kernel - 1)
+        packed = token_read_after_write(read, h, write, filters, read_weight, padding=kernel - 1, tap_mask=keep_all)
+    assert channel.dtype == channel_inference.dtype == token.dtype == packed.dtype == torch.float32
+    assert torch.equal(channel, channel_inference)
+    assert torch.equal(token, packed)
+
+
+@pytest.mark.device
+def test_token_compress_operators_pass_torch_library_opcheck(device):
     """The token compressor's custom operators (what the compiler calls whole): schema, fake (meta) shapes,
     autograd registration and the backward against the forward, as `torch.library.opcheck` checks them."""
     from ddl_hf.models.ddl import delta_ops
@@ -907,8 +987,8 @@ def test_token_compress_operators_pass_torch_library_opcheck():
     generator = torch.Generator().manual_seed(5)
     d, d_v, kernel = 6, 3, 4
     for padding in (0, kernel - 1):
-        x = torch.randn(2, 11, d_v * d, generator=generator, requires_grad=True)
-        taps = torch.randn(kernel, d_v, d, generator=generator, requires_grad=True)
+        x = torch.randn(2, 11, d_v * d, generator=generator).to(device).requires_grad_()
+        taps = torch.randn(kernel, d_v, d, generator=generator).to(device).requires_grad_()
         torch.library.opcheck(delta_ops._token_compress_op, (x, taps, padding))
-        grad_out = torch.randn(2, 11 + padding - kernel + 1, d, generator=generator)
+        grad_out = torch.randn(2, 11 + padding - kernel + 1, d, generator=generator).to(device)
         torch.library.opcheck(delta_ops._token_compress_backward_op, (x.detach(), taps.detach(), grad_out, padding))

@@ -436,3 +436,88 @@ def test_data_parallel_gradients_equal_the_whole_batch_gradients(data_parallel_g
     no reduction at all (each rank's half-batch gradient)."""
     expected, ranks = data_parallel_gradients
     assert _gradient_mismatches(expected, ranks, wrapper) == {}
+
+
+ONE_PROCESS_FSDP_SCRIPT = r'''
+"""FSDP2 in one process (world size 1) on the device given: a sharded copy of a model trains like the plain model,
+and its full state dict is saved and loaded back."""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+from ddl_hf import DDLConfig, DDLForCausalLM
+
+device = torch.device(sys.argv[1])
+if device.type == "cuda":
+    torch.cuda.set_device(device.index or 0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+torch.set_num_threads(1)
+results = {}
+for variant in ("ddl-tc", "ddl-cc"):
+    config = DDLConfig.from_preset("tiny", variant)
+    torch.manual_seed(0)
+    reference = DDLForCausalLM(config).to(device)
+    model = DDLForCausalLM(config).to(device)
+    model.load_state_dict(reference.state_dict())
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    generator = torch.Generator().manual_seed(1234)
+    batches = [torch.randint(0, config.vocab_size, (4, 16), generator=generator).to(device) for _ in range(3)]
+    losses = {}
+    for name, trained in (("fsdp2", model), ("plain", reference)):
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2, weight_decay=0.1)
+        losses[name] = []
+        for input_ids in batches:
+            loss = trained(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    plain = {name: value.cpu() for name, value in reference.state_dict().items()}
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, state_dict=dict(full))
+        loaded = DDLForCausalLM.from_pretrained(folder).state_dict()
+    results[variant] = {
+        "sharded": type(model.model.layers[0].mlp.up_proj.weight).__name__,
+        "parameter_device": str(next(model.parameters()).device),
+        "losses": losses,
+        "max_param_diff": max((full[name] - plain[name]).abs().max().item() for name in plain),
+        "loaded_mismatch": sorted(name for name in full if not torch.equal(loaded[name], full[name])),
+        "keys": sorted(full) == sorted(plain) == sorted(loaded),
+    }
+dist.destroy_process_group()
+with open(sys.argv[2], "w") as handle:
+    json.dump(results, handle)
+'''
+
+
+@pytest.mark.device
+def test_fsdp2_in_one_process_trains_like_the_plain_model_and_saves_a_loadable_checkpoint(tmp_path, device):
+    """FSDP2 with world size 1 on the device under test (nccl on CUDA, gloo on the CPU), in a fresh process."""
+    script = tmp_path / "fsdp_one_process.py"
+    script.write_text(ONE_PROCESS_FSDP_SCRIPT)
+    env = offline_env(
+        OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), TOKENIZERS_PARALLELISM="false"
+    )
+    command = [sys.executable, str(script), str(device), str(tmp_path / "results.json")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-6000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["ddl-tc", "ddl-cc"]
+    for variant, record in results.items():
+        assert record["sharded"] == "DTensor" and record["keys"], variant
+        assert torch.device(record["parameter_device"]).type == device.type, variant
+        losses, expected = torch.tensor(record["losses"]["fsdp2"]), torch.tensor(record["losses"]["plain"])
+        torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
+        assert losses[-1] != losses[0], variant
+        assert record["max_param_diff"] < 1e-4, variant
+        assert record["loaded_mismatch"] == [], variant

@@ -60,10 +60,11 @@ def test_cache_layers_hold_exactly_the_conv_states_of_their_slots(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.device
 @torch.no_grad()
-def test_crop_rolls_the_cache_back_and_batch_selection_keeps_rows(variant):
-    model = _decoding_model(variant)
-    tokens = random_tokens(2, 9, seed=4)
+def test_crop_rolls_the_cache_back_and_batch_selection_keeps_rows(variant, device):
+    model = _decoding_model(variant).to(device)
+    tokens = random_tokens(2, 9, seed=4).to(device)
     full_logits = model(tokens, use_cache=False).logits
 
     cache = DynamicCache(config=model.config)
@@ -82,7 +83,7 @@ def test_crop_rolls_the_cache_back_and_batch_selection_keeps_rows(variant):
     if "hybrid" not in model.config.layer_types:
         cache = DynamicCache(config=model.config)
         model(tokens[:, :6], cache=cache, use_cache=True)
-        cache.batch_select_indices(torch.tensor([1]))
+        cache.batch_select_indices(torch.tensor([1], device=device))
         row = model(tokens[1:, 6:], cache=cache, use_cache=True).logits
         torch.testing.assert_close(row, full_logits[1:, 6:], rtol=1e-5, atol=1e-5)
 
@@ -104,9 +105,10 @@ def test_assisted_decoding_and_prompt_lookup_give_the_greedy_tokens(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_beam_search_with_the_cache_matches_beam_search_without(variant):
-    model = _decoding_model(variant)
-    prompt = random_tokens(2, 5, seed=5, low=1)
+@pytest.mark.device
+def test_beam_search_with_the_cache_matches_beam_search_without(variant, device):
+    model = _decoding_model(variant).to(device)
+    prompt = random_tokens(2, 5, seed=5, low=1).to(device)
     prompt[0, :2] = 0  # left padding
     mask = (prompt != 0).long()
     beams = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=6, pad_token_id=0)

@@ -30,7 +30,7 @@ def _train(model, ids, steps: int, autocast: bool) -> tuple[list[float], dict[st
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, first_gradients = [], {}
     for step in range(steps):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(input_ids=ids, labels=ids)
         if autocast:
             assert out.logits.dtype == torch.bfloat16, "autocast did not reach the LM head"
@@ -45,9 +45,10 @@ def _train(model, ids, steps: int, autocast: bool) -> tuple[list[float], dict[st
 
 
 @pytest.mark.parametrize("variant", ["ddl-cc", "ddl-tc", "baseline"])
-def test_bf16_autocast_training_stays_finite_and_close_to_fp32(variant):
-    ids = random_tokens(4, 16, seed=1)
-    fp32_model = tiny_model(variant)
+@pytest.mark.device
+def test_bf16_autocast_training_stays_finite_and_close_to_fp32(variant, device):
+    ids = random_tokens(4, 16, seed=1).to(device)
+    fp32_model = tiny_model(variant).to(device)
     bf16_model = copy.deepcopy(fp32_model)
     fp32_losses, fp32_grads = _train(fp32_model, ids, steps=6, autocast=False)
     bf16_losses, bf16_grads = _train(bf16_model, ids, steps=6, autocast=True)
@@ -67,10 +68,11 @@ def test_bf16_autocast_training_stays_finite_and_close_to_fp32(variant):
 
 # --------------------------------------------------------------------------- bf16 weights
 @pytest.mark.parametrize("variant", ["ddl-tc", "ddl-scalar"])
-def test_bf16_model_generates_with_cache_consistent_with_full_forward(variant):
-    fp32_model = tiny_model(variant).eval()
+@pytest.mark.device
+def test_bf16_model_generates_with_cache_consistent_with_full_forward(variant, device):
+    fp32_model = tiny_model(variant).eval().to(device)
     model = copy.deepcopy(fp32_model).to(torch.bfloat16)
-    prompt = random_tokens(2, 5, seed=1)
+    prompt = random_tokens(2, 5, seed=1).to(device)
     with torch.no_grad():
         out = model.generate(
             prompt,

@@ -11,9 +11,11 @@ Sources, in order of precedence:
    hash of each file's path, so the split never changes for a given Python version.
 
 Every document is tokenized without special tokens and followed by EOS; the token stream is then
-cut into blocks of `block_size` tokens (attention crosses document boundaries, as in GPT-style
-pretraining). Tokenizing and packing run through `datasets.map` with fingerprints derived from
-the data, the tokenizer's content and the block size, so a second run reuses the cached Arrow
+cut into blocks of `block_size` tokens. With `--packing concat` (the default) attention crosses document
+boundaries, as in GPT-style pretraining; `--packing documents` keeps the same blocks and stores each token's
+index in its document as `position_ids` (0 at each document start and at each block start), so that the model
+keeps every document apart (`collate_documents`). Tokenizing and packing run through `datasets.map` with
+fingerprints derived from the data, the tokenizer's content and the block size, so a second run reuses the cached Arrow
 files. The tokens after the last full block of each map batch of documents are dropped, and
 `build_lm_datasets` says how many at WARNING level, for each split.
 
@@ -52,6 +54,9 @@ STREAMING_VALIDATION_BLOCKS = 100
 PACKING_BATCH_DOCUMENTS = 1000
 LOCAL_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 TXT_SAMPLE_BY = ("document", "paragraph", "line")
+# `concat`: documents run into each other (GPT-style); `documents`: each keeps its own position_ids
+# (see collate_documents).
+PACKING_MODES = ("concat", "documents")
 # Bump when the tokenize or pack functions change, so old cache files are not reused.
 PIPELINE_VERSION = "1"
 # Tokens per block when --block_size is not given; a model with a shorter context trains on all of it.
@@ -83,6 +88,15 @@ class DataArguments:
             f"the model: min({DEFAULT_BLOCK_SIZE}, max_position_embeddings)"
         },
     )
+    packing: str = field(
+        default="concat",
+        metadata={
+            "help": "concat: attention and convolutions cross document boundaries (GPT-style); documents: the same "
+            "blocks, but each document gets its own position_ids (from 0, also where a block starts mid-document) "
+            "and attention and the token convolutions stay inside it",
+            "choices": PACKING_MODES,
+        },
+    )
     validation_split_percentage: float = field(
         default=5.0,
         metadata={
@@ -101,6 +115,8 @@ class DataArguments:
     def __post_init__(self):
         if self.txt_sample_by not in TXT_SAMPLE_BY:
             raise ValueError(f"--txt_sample_by must be one of {list(TXT_SAMPLE_BY)}, got {self.txt_sample_by!r}")
+        if self.packing not in PACKING_MODES:
+            raise ValueError(f"--packing must be one of {list(PACKING_MODES)}, got {self.packing!r}")
         if not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"--validation_split_percentage must be in (0, 100), got {self.validation_split_percentage}"
@@ -126,13 +142,15 @@ class DataArguments:
 
 @dataclass
 class LMDatasets:
-    """Packed training and validation blocks, each row `{"input_ids": block_size token ids}`."""
+    """Packed training and validation blocks, each row `{"input_ids": block_size token ids}` (and, with
+    `--packing documents`, `"position_ids"`: each token's index in its document)."""
 
     train: Dataset | IterableDataset
     validation: Dataset
     block_size: int
     source: str
     stats: dict = field(default_factory=dict)
+    packing: str = "concat"  # the --packing mode: `data_collator(packing)` batches the blocks
 
 
 # --------------------------------------------------------------------------- built-in corpus
@@ -318,6 +336,26 @@ class BlockPacker:
         return {"input_ids": [stream[i : i + self.block_size] for i in range(0, usable, self.block_size)]}
 
 
+class DocumentBlockPacker(BlockPacker):
+    """`BlockPacker` (the same blocks) that also stores each token's index in its document as `position_ids`:
+    0 at every document start, and at the start of every block, so that a block starting mid-document starts
+    that document's remainder at 0 (for the model it is a document of its own)."""
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        blocks = super().__call__(batch)["input_ids"]
+        stream = list(chain.from_iterable(range(len(ids)) for ids in batch["input_ids"]))
+        position_ids = []
+        for start in range(0, len(blocks) * self.block_size, self.block_size):
+            block, offset = stream[start : start + self.block_size], stream[start]
+            positions = []
+            for position in block:
+                if position == 0:
+                    offset = 0
+                positions.append(position - offset)
+            position_ids.append(positions)
+        return {"input_ids": blocks, "position_ids": position_ids}
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides the token ids: the serialized tokenizer and its EOS id."""
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
@@ -331,6 +369,7 @@ def _derived_fingerprint(*parts) -> str:
 
 TOKENIZED_FEATURES = Features({"input_ids": Sequence(Value("int32")), "num_tokens": Value("int64")})
 PACKED_FEATURES = Features({"input_ids": Sequence(Value("int32"))})
+DOCUMENT_PACKED_FEATURES = Features({"input_ids": Sequence(Value("int32")), "position_ids": Sequence(Value("int32"))})
 
 
 def tokenize_documents(dataset, tokenizer, text_column: str, num_proc: int | None = None):
@@ -352,25 +391,30 @@ def tokenize_documents(dataset, tokenizer, text_column: str, num_proc: int | Non
     )
 
 
-def pack_into_blocks(tokenized, block_size: int, num_proc: int | None = None):
-    """Blocks of exactly `block_size` token ids cut from the concatenated documents."""
-    function = BlockPacker(block_size)
+def pack_into_blocks(tokenized, block_size: int, num_proc: int | None = None, packing: str = "concat"):
+    """Blocks of exactly `block_size` token ids cut from the concatenated documents; with `packing="documents"`
+    also their `position_ids` (`DocumentBlockPacker`)."""
+    documents = packing == "documents"
+    function = DocumentBlockPacker(block_size) if documents else BlockPacker(block_size)
+    features = DOCUMENT_PACKED_FEATURES if documents else PACKED_FEATURES
     if isinstance(tokenized, IterableDataset):
         return tokenized.map(
             function,
             batched=True,
             batch_size=PACKING_BATCH_DOCUMENTS,
             remove_columns=["input_ids", "num_tokens"],
-            features=PACKED_FEATURES,
+            features=features,
         )
+    # concat keeps the fingerprint it always had, so its cache files are reused
+    fingerprint_parts = ("pack", tokenized._fingerprint, block_size, *(["documents"] if documents else []))
     return tokenized.map(
         function,
         batched=True,
         batch_size=PACKING_BATCH_DOCUMENTS,
         remove_columns=["input_ids", "num_tokens"],
-        features=PACKED_FEATURES,
+        features=features,
         num_proc=num_proc,
-        new_fingerprint=_derived_fingerprint("pack", tokenized._fingerprint, block_size),
+        new_fingerprint=_derived_fingerprint(*fingerprint_parts),
         desc=f"Packing into blocks of {block_size}",
     )
 
@@ -411,7 +455,7 @@ def _warn_dropped(split: str, stats: dict, block_size: int) -> None:
 
 def _packed(tokenized, data_args: DataArguments, block_size: int, source: str, split: str) -> tuple:
     """Blocks of tokenized documents, and (for a dataset in memory or on disk) what went into them."""
-    packed = pack_into_blocks(tokenized, block_size, data_args.preprocessing_num_workers)
+    packed = pack_into_blocks(tokenized, block_size, data_args.preprocessing_num_workers, data_args.packing)
     if isinstance(packed, IterableDataset):
         return packed, {}
     stats = _packing_stats(tokenized, packed, block_size)
@@ -449,7 +493,7 @@ def _split_by_documents(tokenized: Dataset, data_args: DataArguments, block_size
         parts = {}
         for split, indices in (("training", kept), ("validation", held)):
             part = tokenized.select(indices)
-            packed = pack_into_blocks(part, block_size, data_args.preprocessing_num_workers)
+            packed = pack_into_blocks(part, block_size, data_args.preprocessing_num_workers, data_args.packing)
             parts[split] = (packed, _packing_stats(part, packed, block_size))
         if parts["training"][1]["blocks"] and parts["validation"][1]["blocks"]:
             for split, (_, stats) in parts.items():
@@ -502,7 +546,9 @@ def _split_by_documents(tokenized: Dataset, data_args: DataArguments, block_size
     return packed.select(range(boundary)), packed.select(range(boundary, len(packed))), stats
 
 
-def _split_stream_by_documents(tokenized: IterableDataset, wanted_blocks: int, block_size: int, source: str):
+def _split_stream_by_documents(
+    tokenized: IterableDataset, wanted_blocks: int, block_size: int, source: str, packing: str = "concat"
+):
     """(train stream, validation blocks, stats) of a stream without a validation split: its first documents, as
     many as fill `wanted_blocks` blocks, are held out, and training starts with the next document."""
     held_ids, tokens = [], 0
@@ -520,11 +566,11 @@ def _split_stream_by_documents(tokenized: IterableDataset, wanted_blocks: int, b
     held = Dataset.from_dict(
         {"input_ids": held_ids, "num_tokens": [len(ids) for ids in held_ids]}, features=TOKENIZED_FEATURES
     )
-    packed = pack_into_blocks(held, block_size)
+    packed = pack_into_blocks(held, block_size, packing=packing)
     _warn_dropped("validation", _packing_stats(held, packed, block_size), block_size)
     validation = packed.select(range(min(wanted_blocks, len(packed))))
     stats = {"validation_held_out_documents": len(held_ids), "validation_held_out_blocks": len(validation)}
-    return pack_into_blocks(tokenized.skip(len(held_ids)), block_size), validation, stats
+    return pack_into_blocks(tokenized.skip(len(held_ids)), block_size, packing=packing), validation, stats
 
 
 def build_lm_datasets(
@@ -559,26 +605,53 @@ def build_lm_datasets(
                 validation = _materialize(validation.take(limit), f"{source} (validation)")
         elif isinstance(tokenized, IterableDataset):
             wanted = data_args.max_eval_samples or STREAMING_VALIDATION_BLOCKS
-            train, validation, stats = _split_stream_by_documents(tokenized, wanted, block_size, source)
+            train, validation, stats = _split_stream_by_documents(
+                tokenized, wanted, block_size, source, data_args.packing
+            )
         else:
             train, validation, stats = _split_by_documents(tokenized, data_args, block_size, source)
     if data_args.max_eval_samples is not None and len(validation) > data_args.max_eval_samples:
         validation = validation.select(range(data_args.max_eval_samples))
     stats["validation_blocks_used"] = len(validation)
-    return LMDatasets(train=train, validation=validation, block_size=block_size, source=source, stats=stats)
+    return LMDatasets(
+        train=train,
+        validation=validation,
+        block_size=block_size,
+        source=source,
+        stats=stats,
+        packing=data_args.packing,
+    )
 
 
 def _materialize(blocks: IterableDataset, source: str) -> Dataset:
-    rows = [{"input_ids": row["input_ids"]} for row in blocks]
+    rows = list(blocks)
     if not rows:
         raise ValueError(f"{source} has fewer tokens than one block: no validation block could be formed")
-    return Dataset.from_list(rows, features=PACKED_FEATURES)
+    features = DOCUMENT_PACKED_FEATURES if "position_ids" in rows[0] else PACKED_FEATURES
+    return Dataset.from_list([{name: row[name] for name in features} for row in rows], features=features)
 
 
 def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
     """Stack blocks into `input_ids` (B, T) and identical `labels` (the model shifts them)."""
     input_ids = torch.tensor([feature["input_ids"] for feature in features], dtype=torch.long)
     return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def collate_documents(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Blocks packed with `--packing documents`: `input_ids`, `position_ids` (B, T) and `labels`, and no
+    `attention_mask`. The model then keeps attention and the token convolutions inside each document (a document
+    starts wherever the positions restart, as with transformers' `DataCollatorWithFlattening`), and the label of
+    every document's first token is -100, so no token is predicted from the previous document. The Trainer divides
+    the summed token losses by the count of labels that are not -100."""
+    input_ids = torch.tensor([feature["input_ids"] for feature in features], dtype=torch.long)
+    position_ids = torch.tensor([feature["position_ids"] for feature in features], dtype=torch.long)
+    labels = input_ids.masked_fill(position_ids == 0, -100)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def data_collator(packing: str) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+    """The collator of a `--packing` mode: `collate_blocks` (concat) or `collate_documents`."""
+    return collate_documents if packing == "documents" else collate_blocks
 
 
 __all__ = [
@@ -593,4 +666,6 @@ __all__ = [
     "pack_into_blocks",
     "build_lm_datasets",
     "collate_blocks",
+    "collate_documents",
+    "data_collator",
 ]

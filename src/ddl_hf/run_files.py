@@ -161,6 +161,9 @@ TRAJECTORY_FIELDS = (
 )
 # DataArguments fields that only change where or how fast the data is prepared.
 DATA_FIELDS_NOT_IN_FINGERPRINT = ("preprocessing_num_workers", "dataset_cache_dir")
+# Fingerprint fields added after runs were recorded, with the value that gives what a run recorded without them
+# did: such a run still resumes with that value, and is refused with any other.
+FIELDS_ADDED_SINCE = {("data", "packing"): "concat"}
 
 
 def _jsonable(value):
@@ -196,6 +199,8 @@ def check_output_dir(output_dir: str | Path, fingerprint: dict) -> None:
         return
     if record.is_file():
         stored = json.loads(record.read_text(encoding="utf-8")).get("fingerprint", {})
+        for (group, name), value in FIELDS_ADDED_SINCE.items():
+            stored.setdefault(group, {}).setdefault(name, value)
         differences = [
             f"{group}.{name}: {stored.get(group, {}).get(name)!r} -> {fingerprint[group].get(name)!r}"
             for group in fingerprint

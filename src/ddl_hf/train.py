@@ -22,16 +22,23 @@ each file and its size; old checkpoints are rotated out only after that. Rerunni
 `output_dir` resumes from the newest committed checkpoint, deleting any checkpoint whose manifest
 is missing or does not match (a save interrupted by a crash), and refuses to start when the folder
 holds checkpoints or a model of a run whose arguments differ from the fingerprint stored in
-`run_args.json`.
+`run_args.json`. SIGTERM or SIGUSR1 (preemption) ends training after the current optimizer step
+with a committed checkpoint of it, every process at the same step, and `ddl train` exits with
+`PREEMPTED_EXIT_CODE` (75); a non-finite loss or gradient norm stops the run before that step's
+update with `DIVERGED_EXIT_CODE` (3), or skips the step under `--max_nonfinite_skips`; nothing
+non-finite is ever saved (`DDLTrainer`, "Resuming and crashes" in docs/training.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +60,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging as transformers_logging
 
 from .command_line import reports_input_errors
-from .data import DEFAULT_BLOCK_SIZE, DataArguments, LMDatasets, build_lm_datasets, collate_blocks
+from .data import DEFAULT_BLOCK_SIZE, DataArguments, LMDatasets, build_lm_datasets, data_collator
 from .models.ddl.configuration_ddl import PRESET_SIZES, PRESET_VARIANTS, DDLConfig
 from .models.ddl.delta_layers import DeltaShortcut, EmbedExpansion, StateCompressor
 from .models.ddl.modeling_ddl import DDLForCausalLM
@@ -151,14 +158,30 @@ class DDLTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(
         default="auto", metadata={"help": "'auto' = tensorboard when installed, else none"}
     )
+    max_nonfinite_skips: int = field(
+        default=0,
+        metadata={
+            "help": "optimizer steps with a non-finite loss or gradient norm to skip (logged, update not applied) "
+            "before such a step stops the run"
+        },
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={"help": "blocks per optimizer step over all processes; sets gradient_accumulation_steps"},
     )
     sample_prompt: str = field(default="def ", metadata={"help": "prompt of the sample printed after training"})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "length of that sample (0: no sample)"})
+    peak_flops: float | None = field(
+        default=None,
+        metadata={
+            "help": "peak FLOP/s of one device, for the MFU in the log lines (default: known for H100 SXM, H200 "
+            "and A100 in bf16; none on CPU)"
+        },
+    )
 
     def __post_init__(self):
+        if self.disable_tqdm is None and not sys.stdout.isatty():
+            self.disable_tqdm = True  # a log file or pipe gets plain lines, not progress-bar redraws
         if self.report_to == "auto":
             self.report_to = "tensorboard" if _tensorboard_available() else "none"
         if self.bf16 is None:
@@ -179,6 +202,8 @@ class DDLTrainingArguments(TrainingArguments):
                     f"({self.per_device_train_batch_size}) x processes ({self.world_size})"
                 )
             self.gradient_accumulation_steps = self.global_batch_size // per_step
+        if self.max_nonfinite_skips < 0:
+            raise ValueError(f"--max_nonfinite_skips must be >= 0, got {self.max_nonfinite_skips}")
 
 
 def _accelerator_available() -> bool:
@@ -199,7 +224,7 @@ def _tensorboard_available() -> bool:
 
 
 def _argument_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, DDLTrainingArguments))
+    return HfArgumentParser((ModelArguments, DataArguments, DDLTrainingArguments), epilog=EXIT_STATUS_HELP)
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, DDLTrainingArguments]:
@@ -344,6 +369,82 @@ def no_weight_decay_parameter_names(model: torch.nn.Module) -> set[str]:
     return names & {name for name, _ in model.named_parameters()}
 
 
+# --------------------------------------------------------------------------- preemption and divergence
+# Exit statuses of `ddl train` besides 0 (done) and 2 (`INPUT_ERROR_EXIT_STATUS`, a refused input).
+# 75 is EX_TEMPFAIL of sysexits.h, "a temporary failure; retry": distinct from the 128+N of a process
+# killed by signal N (143 for SIGTERM), so a job script can requeue on exactly this one.
+PREEMPTED_EXIT_CODE = 75
+DIVERGED_EXIT_CODE = 3
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_STATUS_HELP = (
+    f"exit status: 0: done; 2: a refused input; {PREEMPTED_EXIT_CODE}: stopped by SIGTERM or SIGUSR1 (preemption) "
+    f"after finishing the current optimizer step and committing a checkpoint of it, without the final model; "
+    f"rerun the same command to resume from it; {DIVERGED_EXIT_CODE}: a non-finite loss or gradient norm stopped "
+    f"the run (the message names the step, loss and gradient norm; the newest checkpoint is the last good one; "
+    f"see --max_nonfinite_skips)"
+)
+
+
+class TrainingPreempted(RuntimeError):
+    """`ddl train` stopped on SIGTERM / SIGUSR1 after committing the checkpoint of the current step."""
+
+    def __init__(self, reason: str, step: int, checkpoint: str) -> None:
+        super().__init__(
+            f"{reason}: stopped after step {step} and saved {checkpoint}; rerun the same command to resume "
+            f"(exit status {PREEMPTED_EXIT_CODE})"
+        )
+        self.step, self.checkpoint = step, checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm (or weights) at an optimizer step; nothing of that step was saved."""
+
+    def __init__(self, what: str, step: int, loss: float, grad_norm: float, last_checkpoint: str | None) -> None:
+        newest = (
+            f"the newest checkpoint, {last_checkpoint}, is the last good one"
+            if last_checkpoint
+            else "no checkpoint was saved before it"
+        )
+        super().__init__(
+            f"training diverged: {what} at step {step}: loss {loss}, grad norm {grad_norm}; nothing of this step "
+            f"was saved and {newest}. Lower the learning rate, or skip such steps with --max_nonfinite_skips N"
+        )
+        self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: DDLTrainer):
+    """While training, SIGTERM and SIGUSR1 ask `trainer` to stop after the current optimizer step
+    (`DDLTrainer.request_stop`); the previous handlers come back afterwards. Only the main thread can
+    install signal handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        trainer.request_stop(f"received {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class StopAtAgreedStep(TrainerCallback):
+    """Ends training at the step at which the processes agreed to stop (`DDLTrainer.stop_step`): that
+    step logs, saves a checkpoint and is the last. Runs right after `DefaultFlowCallback`."""
+
+    def __init__(self, trainer: DDLTrainer) -> None:
+        super().__init__()
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.stop_step == state.global_step:
+            control.should_log = control.should_save = control.should_training_stop = True
+
+
 # --------------------------------------------------------------------------- trainer
 class FlushDataOrder(TrainerCallback):
     """Writes the data-order log at the end of every step that logs, saves or ends training. It runs right
@@ -363,15 +464,29 @@ class DDLTrainer(Trainer):
     wall time in every log (`elapsed_s`, kept across resumptions) and, given `data_order_log`
     (`run_files.data_order_log`), a log of the micro-batches this process trained on. That log is
     kept on the device during training and written at the steps that log or save, before every
-    checkpoint is committed and when training ends (`run_files.DataOrderLog`)."""
+    checkpoint is committed and when training ends (`run_files.DataOrderLog`).
+
+    Preemption and divergence: at every optimizer step, before the update, the processes all-reduce
+    the step's loss and a stop flag (one 2-element collective), and read them with the gradient norm
+    the Trainer computed for clipping (one host sync per optimizer step, not per micro-batch). A stop
+    asked for by `request_stop` (SIGTERM / SIGUSR1, `stop_on_signals`) on any process ends training
+    after that step, on every process, with a checkpoint of it (`stop_step`). A non-finite loss or
+    gradient norm raises `TrainingDiverged` before the update, unless `--max_nonfinite_skips` allows
+    skipping the step: its update is then not applied (no gradients reach the optimizer) and the skip
+    is logged. Every checkpoint checks its weights are finite before it is written."""
 
     def __init__(self, *args, data_order_log: str | Path | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._data_order = DataOrderLog(data_order_log) if data_order_log is not None else None
+        callbacks = self.callback_handler.callbacks
+        after_flow = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
         if self._data_order is not None:
-            callbacks = self.callback_handler.callbacks
-            after_flow = next((i + 1 for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)), 0)
             callbacks.insert(after_flow, FlushDataOrder(self._data_order))
+        callbacks.insert(after_flow, StopAtAgreedStep(self))
+        self._stop_reason: str | None = None  # set by a signal handler, read at the next optimizer step
+        self.stop_step: int | None = None  # the step after which every process stops
+        self.stop_reason: str | None = None
+        self._step_loss: torch.Tensor | None = None  # this optimizer step's loss so far, on the device
         self._elapsed_offset = 0.0
         self._session_start = time.perf_counter()
 
@@ -404,9 +519,84 @@ class DDLTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._data_order is not None:  # a reference to the ids, no host transfer (run_files.DataOrderLog)
             self._data_order.record(self.state.global_step + 1, inputs["input_ids"])
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss  # no host sync
+        return loss
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current optimizer step, with a checkpoint (safe to call from a signal handler)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def _all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(values)
+        return values
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called once per optimizer step, after the gradients are reduced and clipped, before the update.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        step = self.state.global_step + 1
+        device = self.args.device
+        loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=device)
+        self._step_loss = None
+        stop = torch.tensor(float(self._stop_reason is not None), device=device)
+        flags = torch.stack([loss.detach().float().to(device), stop])
+        norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2 / TP
+        loss_sum, stops, norm_value = torch.cat(
+            [self._all_reduce_sum(flags), norm.detach().float().reshape(1).to(device)]
+        ).tolist()  # the one host sync
+        loss_value = loss_sum / max(self.args.world_size, 1)
+        self._last_step_values = (loss_value, norm_value)
+        if stops > 0 and self.stop_step is None:
+            self.stop_step = step
+            self.stop_reason = self._stop_reason or "another process received a stop signal"
+            logger.warning("%s: stopping after step %d with a checkpoint", self.stop_reason, step)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            allowed = getattr(self.args, "max_nonfinite_skips", 0)
+            skipped = sum(1 for entry in self.state.log_history if "nonfinite_loss" in entry)
+            if skipped >= allowed or self.is_deepspeed_enabled:  # DeepSpeed's engine steps on its own
+                raise TrainingDiverged(
+                    "non-finite loss or gradient norm",
+                    step,
+                    loss_value,
+                    norm_value,
+                    last_complete_checkpoint(self._get_output_dir(trial=None)),
+                )
+            model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
+            self.state.log_history.append(
+                {"step": step, "nonfinite_loss": loss_value, "nonfinite_grad_norm": norm_value}
+            )
+            logger.warning(
+                "non-finite loss or gradient norm at step %d: loss %s, grad norm %s; skipping step %d "
+                "(%d skips allowed), its update is not applied",
+                step,
+                loss_value,
+                norm_value,
+                step,
+                allowed,
+            )
+        return grad_norm
+
+    def _check_finite_weights(self, model, what: str) -> None:
+        """Raise `TrainingDiverged` (on every process) unless every parameter is finite: nothing
+        non-finite is ever saved. One pass over the weights and one host sync, at save time only."""
+        local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
+        finite = torch.stack([p.isfinite().all() for p in local]).all()  # a DTensor's shard under FSDP2 / TP
+        bad = self._all_reduce_sum((~finite).float().reshape(1).to(self.args.device)).item()
+        if bad > 0:
+            loss, grad_norm = getattr(self, "_last_step_values", (float("nan"), float("nan")))
+            raise TrainingDiverged(
+                f"non-finite weights in {what} (the loss and grad norm are the step's, before its update)",
+                self.state.global_step,
+                loss,
+                grad_norm,
+                last_complete_checkpoint(self._get_output_dir(trial=None)),
+            )
 
     def _save_checkpoint(self, model, trial) -> None:
+        self._check_finite_weights(model, f"the checkpoint of step {self.state.global_step}")
         self.flush_data_order()  # the log covers the checkpoint's steps before the checkpoint is committed
         limit = self.args.save_total_limit
         # Rotation must wait until the new checkpoint is committed: a crash in between would leave
@@ -425,8 +615,42 @@ class DDLTrainer(Trainer):
 
 
 # --------------------------------------------------------------------------- console
-def format_log_line(logs: dict, state, tokens_per_second: float | None) -> str | None:
-    """One console line for a training or evaluation log, None for other logs."""
+# Peak dense bf16 tensor FLOP/s of one device, from NVIDIA's datasheets (without sparsity): H100 SXM and H200
+# 989 TFLOP/s, A100 (SXM and PCIe) 312 TFLOP/s. Matched against `torch.cuda.get_device_name()`; any other device
+# needs --peak_flops for an MFU.
+KNOWN_BF16_PEAK_FLOPS = (
+    (("H100", "HBM3"), 989e12),  # the SXM card names itself "NVIDIA H100 80GB HBM3"
+    (("H100", "SXM"), 989e12),
+    (("H200",), 989e12),
+    (("A100",), 312e12),
+)
+
+
+def known_peak_flops(device_name: str, bf16: bool) -> float | None:
+    """The peak FLOP/s of a device in `KNOWN_BF16_PEAK_FLOPS` when training in bf16, else None."""
+    if not bf16:
+        return None
+    return next((peak for parts, peak in KNOWN_BF16_PEAK_FLOPS if all(p in device_name for p in parts)), None)
+
+
+def resolve_peak_flops(args) -> float | None:
+    """`--peak_flops`, else the known peak of this process's GPU in bf16, else None (no MFU)."""
+    if getattr(args, "peak_flops", None) is not None:
+        return float(args.peak_flops)
+    if args.use_cpu or not torch.cuda.is_available():
+        return None
+    return known_peak_flops(torch.cuda.get_device_name(), bool(args.bf16))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_log_line(
+    logs: dict, state, tokens_per_second: float | None, eta_s: float | None = None, mfu: float | None = None
+) -> str | None:
+    """One console line for a training or evaluation log, None for other logs. `mfu` is a fraction."""
     step = f"step {state.global_step}/{state.max_steps}"
     elapsed = logs.get("elapsed_s")
     clock = f" | {int(elapsed // 60):d}:{int(elapsed % 60):02d}" if elapsed is not None else ""
@@ -440,6 +664,10 @@ def format_log_line(logs: dict, state, tokens_per_second: float | None) -> str |
             parts.append(f"{tokens_per_second:,.0f} tok/s")
         if "num_input_tokens_seen" in logs:
             parts.append(f"{int(logs['num_input_tokens_seen']):,} tokens")
+        if eta_s is not None:
+            parts.append(f"ETA {_duration(eta_s)}")
+        if mfu is not None:
+            parts.append(f"MFU {100 * mfu:.2f}%")
         return " | ".join(parts) + clock
     if "eval_loss" in logs:
         return f"{step} | eval_loss {logs['eval_loss']:.4f} | eval ppl {_perplexity(logs['eval_loss']):.2f}{clock}"
@@ -448,22 +676,34 @@ def format_log_line(logs: dict, state, tokens_per_second: float | None) -> str |
 
 class ConsoleLogCallback(TrainerCallback):
     """One compact line per training or evaluation log on the main process (`format_log_line`), in
-    place of the raw log dicts of transformers' `PrinterCallback`; used with `--disable_tqdm`."""
+    place of the raw log dicts of transformers' `PrinterCallback`; used with `--disable_tqdm` (the default
+    when stdout is not a terminal).
 
-    def __init__(self) -> None:
+    A training line gives tokens/s and the ETA since the previous training log (the first line of a run: since
+    the start of training), and, given `flops_per_token` and `peak_flops` (FLOP/s of one device), the MFU:
+    `flops_per_token * tokens/s / (peak_flops * processes)` (the token count is summed over the processes)."""
+
+    def __init__(self, flops_per_token: float | None = None, peak_flops: float | None = None) -> None:
         super().__init__()
-        self._previous: tuple[float, int] | None = None  # (elapsed_s, tokens seen) of the last training log
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        # (elapsed_s, tokens seen, step) of the last training log
+        self._previous: tuple[float, int, int] | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        rate = None
+        rate = eta = mfu = None
         if "loss" in logs and "elapsed_s" in logs and "num_input_tokens_seen" in logs:
-            now = (logs["elapsed_s"], int(logs["num_input_tokens_seen"]))
-            if self._previous is not None and now[0] > self._previous[0]:
-                rate = (now[1] - self._previous[1]) / (now[0] - self._previous[0])
+            now = (logs["elapsed_s"], int(logs["num_input_tokens_seen"]), state.global_step)
+            before = self._previous if self._previous is not None else (0.0, 0, 0)
+            if now[0] > before[0] and now[2] > before[2]:
+                rate = (now[1] - before[1]) / (now[0] - before[0])
+                eta = (state.max_steps - now[2]) * (now[0] - before[0]) / (now[2] - before[2])
             self._previous = now
-        line = format_log_line(logs, state, rate)
+        if rate is not None and self.flops_per_token is not None and self.peak_flops:
+            mfu = self.flops_per_token * rate / (self.peak_flops * max(1, args.world_size))
+        line = format_log_line(logs, state, rate, eta, mfu)
         if line is not None:
             self.write_line(line)
 
@@ -557,10 +797,20 @@ def build_tokenizer_and_config(
 def build_datasets(
     data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, block_size: int, training_args: TrainingArguments
 ) -> LMDatasets:
-    """The packed training and validation blocks; the main process fills the datasets caches first."""
-    datasets = build_lm_datasets(
-        data_args, tokenizer, block_size, lambda: training_args.main_process_first(local=False, desc="data")
-    )
+    """The packed training and validation blocks; the main process fills the datasets caches first. With
+    `--disable_tqdm` (the default when stdout is not a terminal) the datasets library shows no progress bars."""
+    import datasets as datasets_library
+
+    quiet = bool(training_args.disable_tqdm) and datasets_library.is_progress_bar_enabled()
+    if quiet:
+        datasets_library.disable_progress_bars()
+    try:
+        datasets = build_lm_datasets(
+            data_args, tokenizer, block_size, lambda: training_args.main_process_first(local=False, desc="data")
+        )
+    finally:
+        if quiet:
+            datasets_library.enable_progress_bars()
     if training_args.max_steps <= 0 and not hasattr(datasets.train, "__len__"):
         raise ValueError("--streaming needs --max_steps: a stream has no length to count epochs with")
     return datasets
@@ -608,7 +858,7 @@ def build_trainer(
         args=training_args,
         train_dataset=datasets.train,
         eval_dataset=datasets.validation,
-        data_collator=collate_blocks,
+        data_collator=data_collator(datasets.packing),
         processing_class=tokenizer,
         callbacks=callbacks,
         data_order_log=data_order,
@@ -616,17 +866,29 @@ def build_trainer(
     # The Trainer's own console callbacks print raw log dicts; ours print one line per log.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(ConsoleLogCallback() if training_args.disable_tqdm else ConsoleProgressCallback())
+    from .flops import training_flops_per_token
+
+    console = ConsoleLogCallback if training_args.disable_tqdm else ConsoleProgressCallback
+    flops_per_token = training_flops_per_token(config, datasets.block_size)
+    trainer.add_callback(console(flops_per_token=flops_per_token, peak_flops=resolve_peak_flops(training_args)))
     return trainer
 
 
 def train_and_save(trainer: DDLTrainer, resume: ResumePoint, output_dir: Path) -> None:
     """Train from `resume` (a finished run only gets its Trainer state back), then save the final
-    model, tokenizer and `trainer_state.json` into `output_dir`."""
+    model, tokenizer and `trainer_state.json` into `output_dir`. Raises `TrainingPreempted` after
+    SIGTERM / SIGUSR1 stopped training with a checkpoint (nothing else is saved), `TrainingDiverged`
+    when a step's loss or gradient norm (or the weights to save) are not finite."""
     if resume.finished:
         trainer.state = load_trainer_state(resume.checkpoint)
     else:
-        trainer.train(resume_from_checkpoint=resume.checkpoint)
+        with stop_on_signals(trainer):
+            trainer.train(resume_from_checkpoint=resume.checkpoint)
+        if trainer.stop_step is not None:
+            checkpoint = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.stop_step}"
+            logger.warning("%s: saved %s; rerun the same command to resume from it", trainer.stop_reason, checkpoint)
+            raise TrainingPreempted(trainer.stop_reason, trainer.stop_step, str(checkpoint))
+    trainer._check_finite_weights(trainer.model, "the final model")
     trainer.save_model(str(output_dir))
     trainer.save_state()
 
@@ -710,7 +972,14 @@ def main(argv: list[str] | None = None) -> int:
     is_main = training_args.process_index == 0
     logging.basicConfig(format="%(message)s", level=logging.INFO if is_main else logging.WARNING)
     transformers_logging.disable_progress_bar()  # per-file save/load bars; the training bar stays
-    metrics = run_training(model_args, data_args, training_args)
+    try:
+        metrics = run_training(model_args, data_args, training_args)
+    except TrainingPreempted as stopped:
+        print(f"ddl train: {stopped}", file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
+    except TrainingDiverged as diverged:
+        print(f"ddl train: error: {diverged}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT_CODE
     if is_main:
         print(
             f"\nfinal validation loss {metrics['eval_loss']:.4f} | perplexity {metrics['perplexity']:.2f} | "
@@ -729,6 +998,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "DIVERGED_EXIT_CODE",
+    "TrainingPreempted",
+    "TrainingDiverged",
     "ModelArguments",
     "DataArguments",
     "DDLTrainingArguments",

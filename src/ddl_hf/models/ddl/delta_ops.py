@@ -169,6 +169,18 @@ def _full_precision(tensor: torch.Tensor) -> AbstractContextManager:
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
+def _as_autocast_convolution_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as autocast would hand them to a convolution on their device: floating tensors below float64 cast
+    to the autocast dtype when autocast is on there (on any device type), else unchanged. Casting up front and then
+    running with autocast off gives every path (autograd, inference, compiled) the same dtypes, and the token
+    compressor's custom operators results of the dtype their fake implementations declare."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
 def _needs_autograd(*tensors: torch.Tensor) -> bool:
     """Whether a call must record a graph. Inference (decoding above all) calls the same forward
     math directly, so results do not depend on the grad mode: at a few tokens, the overhead of an
@@ -404,8 +416,12 @@ def channel_read_after_write(
     `read` (..., d), `h` (..., d), `write` (..., d_v), `read_weight` W (d, d_v) -> (..., d) in
     `read.dtype`, computed in fp32. The fast path keeps only h, w and W for backward.
     """
-    if not _fast(use_fast_path) or not _needs_autograd(read, h, write, read_weight):
+    if not _fast(use_fast_path):
         return channel_read_after_write_reference(read, h, write, read_weight)
+    if not _needs_autograd(read, h, write, read_weight):
+        # In fp32 under autocast too, as `_ChannelReadAfterWrite` computes it: the same bits in either grad mode.
+        with _full_precision(read):
+            return channel_read_after_write_reference(read, h, write, read_weight)
     d, d_v = read_weight.shape
     flat = (read.reshape(-1, d), h.reshape(-1, d), write.reshape(-1, d_v))
     return _ChannelReadAfterWrite.apply(*flat, read_weight).view(read.shape)
@@ -612,8 +628,10 @@ _OPS_NAMESPACE = "ddl_hf_ops_" + "".join(c if c.isalnum() else "_" for c in __na
 
 @torch.library.custom_op(f"{_OPS_NAMESPACE}::token_compress", mutates_args=())
 def _token_compress_op(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
-    """`_folded_conv` as an operator: x (B, T_in, d_v * d) contiguous, taps (K, d_v, d) -> (B, T', d) contiguous."""
-    return _folded_conv(x, taps, padding).contiguous()
+    """`_folded_conv` as an operator: x (B, T_in, d_v * d) contiguous, taps (K, d_v, d) -> (B, T', d) contiguous, in
+    x's dtype on every device (autocast off inside: under autocast the caller casts the inputs first)."""
+    with _full_precision(x):
+        return _folded_conv(x, taps, padding).contiguous()
 
 
 @_token_compress_op.register_fake
@@ -625,14 +643,18 @@ def _(x: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
 def _token_compress_backward_op(
     x: torch.Tensor, taps: torch.Tensor, grad_out: torch.Tensor, padding: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_token_compress_backward` as an operator (contiguous results)."""
-    grad_x, grad_taps = _token_compress_backward(x, taps, grad_out, padding)
+    """`_token_compress_backward` as an operator (contiguous results, in the dtypes of x and taps)."""
+    with _full_precision(x):
+        grad_x, grad_taps = _token_compress_backward(x, taps, grad_out, padding)
     return grad_x.contiguous(), grad_taps.contiguous()
 
 
 @_token_compress_backward_op.register_fake
 def _(x: torch.Tensor, taps: torch.Tensor, grad_out: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), torch.empty_like(taps)
+    # Contiguous whatever the inputs' strides, as the real results are (`empty_like` would keep the strides).
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(
+        taps, memory_format=torch.contiguous_format
+    )
 
 
 def _token_compress_setup(ctx, inputs, output) -> None:
@@ -693,13 +715,17 @@ def token_compress(
         # Summed in fp32 and rounded once, as the convolutions accumulate, so that a packed row of a bf16 model
         # rounds like its documents run alone.
         return _masked_folded_conv(upcast(x), upcast(taps), padding, tap_mask).to(x.dtype)
-    if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
-        x = F.pad(x, (0, 0, padding, 0)) if padding else x
-        windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
-        return torch.einsum("btjik,kji->bti", windows, taps)
-    if _needs_autograd(x, taps):
-        return _token_compress_op(x.contiguous(), taps, padding)
-    return _folded_conv(x, taps, padding)
+    # Under autocast, the inputs in the autocast dtype (as the convolution of the reference gets them), then every
+    # branch with autocast off: the autograd, inference and compiled paths agree on the dtype on every device.
+    x, taps = _as_autocast_convolution_inputs(x, taps)
+    with _full_precision(x):
+        if batch * (tokens + padding - kernel + 1) <= _FEW_TOKENS:
+            x = F.pad(x, (0, 0, padding, 0)) if padding else x
+            windows = x.unfold(1, kernel, 1).unflatten(2, (d_v, d))  # (B, T, d_v, d, K)
+            return torch.einsum("btjik,kji->bti", windows, taps)
+        if _needs_autograd(x, taps):
+            return _token_compress_op(x.contiguous(), taps, padding)
+        return _folded_conv(x, taps, padding)
 
 
 # --------------------------------------------------------------------------- the token compressor after a write
@@ -810,11 +836,11 @@ def token_read_after_write(
         return token_read_after_write_reference(read, h, write, conv_weight, read_weight, padding, tap_mask)
     taps = upcast(_folded_taps(conv_weight, read_weight))
     inputs = (upcast(read), upcast(h), upcast(write), taps)
-    if tap_mask is not None:
-        # The unmasked sums' own arithmetic (a dropped tap adds an exact zero), so that a packed row rounds exactly
-        # like its documents run alone; autograd differentiates the in-place sums.
-        return (inputs[0] + _token_write_read(*inputs[1:], padding, tap_mask)).to(read.dtype)
-    with _full_precision(read):
+    with _full_precision(read):  # fp32 under autocast too (the product of the write and the taps)
+        if tap_mask is not None:
+            # The unmasked sums' own arithmetic (a dropped tap adds an exact zero), so that a packed row rounds
+            # exactly like its documents run alone; autograd differentiates the in-place sums.
+            return (inputs[0] + _token_write_read(*inputs[1:], padding, tap_mask)).to(read.dtype)
         if _needs_autograd(*inputs):
             return _TokenReadAfterWrite.apply(*inputs, padding).to(read.dtype)
         return (inputs[0] + _token_write_read(*inputs[1:], padding)).to(read.dtype)
