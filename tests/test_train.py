@@ -43,12 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_STEPS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def subprocess_env():

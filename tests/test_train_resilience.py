@@ -26,8 +26,9 @@ from ddl_hf.run_files import checkpoint_is_complete, last_complete_checkpoint
 from ddl_hf.train import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, parse_args, run_training
 from test_train import REPO, assert_same_run, data_order, subprocess_env, tiny_argv
 
-# tests/test_train.py's fixtures: the tiny tokenizer and files, its uninterrupted reference run, one thread.
-assets, reference_run, one_thread = test_train.assets, test_train.reference_run, test_train.one_thread
+# tests/test_train.py's fixtures: the tiny tokenizer and files, its uninterrupted reference run; one thread.
+assets, reference_run = test_train.assets, test_train.reference_run
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # Runs `ddl train` (`main`) with a callback that, after optimizer step argv[3], writes argv[1].RANK and waits until
 # argv[2] exists. argv[4:] are the arguments of `ddl train`.
