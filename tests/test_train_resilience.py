@@ -10,6 +10,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,6 +173,60 @@ def test_two_processes_stop_at_one_step_on_sigterm_and_resume_exactly(assets, tm
     result = launch(output_dir)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from" in result.stdout + result.stderr
+    assert_same_run(output_dir, reference_dir)
+    assert data_order(output_dir, 1) == data_order(reference_dir, 1)
+
+
+# --------------------------------------------------------------------------- restarts
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_group_that_lost_a_rank_and_ends_like_an_uninterrupted_run(assets, tmp_path):
+    """`torchrun --max-restarts 1` with 2 gloo processes, both waiting after step 3 (checkpoint-2 is complete):
+    SIGKILL to rank 1. torchelastic stops rank 0 and restarts both; the new attempt joins its own group
+    (`join_restarted_elastic_group`), resumes from checkpoint-2 and ends with the losses, data order (both ranks)
+    and weights of an uninterrupted run of the same launcher that saved at the same steps."""
+
+    def launcher():
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        ]  # fmt: skip
+
+    def run_argv(output_dir):
+        return [
+            *tiny_argv(assets, output_dir, "--max_steps", "4", "--eval_steps", "4", "--save_steps", "2"),
+            "--per_device_eval_batch_size", "4",
+            "--sample_max_new_tokens", "0",
+            "--disable_tqdm", "true",
+        ]  # fmt: skip
+
+    reference_dir = tmp_path / "reference"
+    command = [*launcher(), str(REPO / "scripts/train.py"), *run_argv(reference_dir)]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    output_dir = tmp_path / "run"
+    child, paused, go = start_waiting_child(tmp_path, 3, run_argv(output_dir), launcher=launcher())
+    ranks = [Path(f"{paused}.0"), Path(f"{paused}.1")]
+    wait_for_files(child, ranks, tmp_path)
+    time.sleep(0.5)  # the process ids are written
+    assert checkpoint_is_complete(output_dir / "checkpoint-2")
+    killed = [int(rank.read_text()) for rank in ranks]
+    os.kill(killed[1], signal.SIGKILL)
+    go.touch()
+    returncode = child.wait(timeout=400)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert returncode == 0, stderr[-4000:]
+    # The restarted attempt passed step 3 again, in new processes.
+    assert all(int(rank.read_text()) not in killed for rank in ranks), stderr[-4000:]
+    restarted = re.findall(r"torchelastic restart 1: rank (\d) joined the restarted group", stderr)
+    assert sorted(restarted) == ["0", "1"], stderr[-4000:]
+    assert stderr.count(f"resuming from {output_dir / 'checkpoint-2'}") >= 1, stderr[-4000:]
     assert_same_run(output_dir, reference_dir)
     assert data_order(output_dir, 1) == data_order(reference_dir, 1)
 

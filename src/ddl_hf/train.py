@@ -412,6 +412,32 @@ class TrainingDiverged(RuntimeError):
         self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
 
 
+def join_restarted_elastic_group() -> bool:
+    """Joins the process group of a group that torchelastic restarted (`torchrun --max-restarts N`, attempt >= 1).
+
+    torchelastic keeps one store for all attempts, and torch 2.13 (with gloo, at least) reads the previous
+    attempt's keys from it: the restarted ranks try to connect to the killed ranks' addresses and fail with
+    "Gloo connectFullMesh failed ... Connection refused". Here each restarted attempt joins the store under its
+    own prefix, before accelerate would create the group without one. The first attempt, and anything launched
+    otherwise, is left to accelerate. Returns whether it created the group."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if attempt == 0 or not agent_store or torch.distributed.is_initialized():
+        return False
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    torch.distributed.init_process_group(
+        backend, store=torch.distributed.PrefixStore(f"restart-{attempt}", store), rank=rank, world_size=world_size
+    )
+    logger.warning("torchelastic restart %d: rank %d joined the restarted group", attempt, rank)
+    return True
+
+
 @contextlib.contextmanager
 def stop_on_signals(trainer: DDLTrainer):
     """While training, SIGTERM and SIGUSR1 ask `trainer` to stop after the current optimizer step
@@ -968,6 +994,7 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int, see
 @reports_input_errors("train")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    join_restarted_elastic_group()  # before the arguments: they create accelerate's process group
     model_args, data_args, training_args = parse_args(argv)
     is_main = training_args.process_index == 0
     logging.basicConfig(format="%(message)s", level=logging.INFO if is_main else logging.WARNING)
