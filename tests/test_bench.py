@@ -98,6 +98,25 @@ def test_ratio_keys():
     assert bench._ratio_key("activation_bytes") == "activation_ratio"
 
 
+@pytest.mark.slow
+def test_state_recompute_variants_are_measured_beside_their_plain_variant(tmp_path):
+    """`--state_recompute`: each DDL variant also as VARIANT+recompute, with its figures over the plain variant's;
+    it keeps fewer activation bytes (no (d, d_v) state). (Peak memory is
+    not compared: at this size the weights and the rebuilt states' transients outweigh the activations.)"""
+    path = tmp_path / "bench.json"
+    arguments = [*TINY, "--variants", "ddl-scalar", "ddl-cc", "--state_recompute", "--json", str(path)]
+    assert cli_main(["bench", *arguments]) == 0
+    report = json.loads(path.read_text())
+    names = ["baseline", "ddl-scalar", "ddl-cc", "ddl-scalar+recompute", "ddl-cc+recompute"]
+    assert report["config"]["variants"] == names and list(report["results"]) == names
+    results = report["results"]
+    for plain in ("ddl-scalar", "ddl-cc"):
+        recomputing = results[plain + "+recompute"]
+        for figure, ratio in FIGURES.items():
+            assert recomputing[ratio + "_to_plain"] == pytest.approx(recomputing[figure] / results[plain][figure])
+        assert recomputing["activation_bytes"] < results[plain]["activation_bytes"]
+
+
 @pytest.mark.parametrize(
     "arguments,message",
     [

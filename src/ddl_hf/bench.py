@@ -54,12 +54,13 @@ from transformers.cache_utils import Cache, StaticCache
 
 from .command_line import check_preset_arguments, reports_input_errors
 from .models.ddl.configuration_ddl import PRESET_SIZES, DDLConfig
-from .models.ddl.delta_ops import reference_paths
+from .models.ddl.delta_ops import recomputed_states, reference_paths
 from .models.ddl.modeling_ddl import DDLForCausalLM
 
 DEFAULT_VARIANTS = ["baseline", "ddl-scalar", "ddl-cc", "ddl-tc", "write-only-cc"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BASELINE = "baseline"
+RECOMPUTE_SUFFIX = "+recompute"
 TIMERS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory (no subprocesses)")
     parser.add_argument(
         "--reference", action="store_true", help="run the plain reference ops of delta_ops instead of the fast paths"
+    )
+    parser.add_argument(
+        "--state_recompute",
+        action="store_true",
+        help=f"also measure every DDL variant with DDLConfig.state_recompute, as VARIANT{RECOMPUTE_SUFFIX}, side by "
+        "side with it",
     )
     parser.add_argument(
         "--compile",
@@ -151,7 +158,8 @@ class Workload:
 
     def __init__(self, args: argparse.Namespace, variant: str) -> None:
         torch.manual_seed(args.seed)
-        self.config = DDLConfig.from_preset(args.preset, variant)
+        preset_variant, recompute = split_recompute(variant)
+        self.config = DDLConfig.from_preset(args.preset, preset_variant, state_recompute=recompute)
         self.model = DDLForCausalLM(self.config).to(device=args.device, dtype=DTYPES[args.dtype])
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.compiled = args.compile
@@ -234,10 +242,31 @@ class Workload:
             return tensor
 
         self.model.train()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = self.forward(input_ids=self.input_ids, labels=self.input_ids).loss
+        # With state_recompute the model's own hooks would hide what autograd keeps from these; so the ledger runs
+        # here, under them, and only what it keeps as tensors is counted.
+        original = self.config.state_recompute
+        with recomputed_states() if original and not self.compiled else nullcontext() as ledger:
+
+            def counted(tensor: torch.Tensor):
+                packed = ledger.pack(tensor) if ledger is not None else tensor
+                return pack(packed) if torch.is_tensor(packed) else packed
+
+            unpack = ledger.unpack if ledger is not None else (lambda packed: packed)
+            self.config.state_recompute = False
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(counted, unpack):
+                    loss = self.forward(input_ids=self.input_ids, labels=self.input_ids).loss
+            finally:
+                self.config.state_recompute = original
         del loss
         return sum(storages.values())
+
+
+def split_recompute(variant: str) -> tuple[str, bool]:
+    """`ddl-cc+recompute` -> ("ddl-cc", True); `ddl-cc` -> ("ddl-cc", False)."""
+    if variant.endswith(RECOMPUTE_SUFFIX):
+        return variant[: -len(RECOMPUTE_SUFFIX)], True
+    return variant, False
 
 
 def _synchronize(device: torch.device | str) -> None:
@@ -332,6 +361,8 @@ def measure_memory_in_subprocess(args: argparse.Namespace, variant: str) -> int:
 # --------------------------------------------------------------------------- report
 def run_benchmark(args: argparse.Namespace) -> dict:
     variants = args.variants if BASELINE in args.variants else [BASELINE, *args.variants]
+    if args.state_recompute:
+        variants = [*variants, *(name + RECOMPUTE_SUFFIX for name in variants if name != BASELINE)]
     if args.compile:
         # Dynamo keeps at most `recompile_limit` graphs per code object, and every model here shares the forward
         # functions' code: this process holds each variant in four compiled workloads (training, prefill, decoding
@@ -382,6 +413,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         entry = dict(metrics[name])
         for key, value in metrics[name].items():
             entry[_ratio_key(key)] = value / metrics[BASELINE][key]
+        preset_variant, recompute = split_recompute(name)
+        if recompute:  # what the option costs and saves: against the same variant without it ("plain")
+            for key, value in metrics[name].items():
+                entry[_ratio_key(key) + "_to_plain"] = value / metrics[preset_variant][key]
         if args.compile:
             entry["compile_s"] = compile_seconds[name]
         results[name] = entry
@@ -471,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.memory_worker is not None:
-        args.variants = [args.memory_worker]
+        args.variants = [split_recompute(args.memory_worker)[0]]
     check_arguments(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -260,6 +260,10 @@ class DDLConfig(PreTrainedConfig):
       `"identity"` (`v = W_v s + b_v`).
     - `use_fast_path`: run the fused ops of `delta_ops` (default) or their plain references
       (same results up to float rounding; slower, more memory).
+    - `state_recompute`: in a training forward, keep only the first state and each rewrite's h and w for
+      backward, and recompute the other (d, d_v) states from them when backward needs them
+      (`delta_layers.recomputed_states`): less memory, the same gradients bit for bit, a few elementwise
+      passes more per step. Needs the fast path; inference is unchanged.
 
     The standard `PreTrainedConfig` fields are accepted too; the task heads read `num_labels` (or
     `id2label`, `label2id`), `problem_type` and `pad_token_id` (the sequence classifier pools the last
@@ -338,6 +342,7 @@ class DDLConfig(PreTrainedConfig):
     value_scale: float = 4.0
     layer_types: list[str] | None = None
     use_fast_path: bool = True
+    state_recompute: bool = False
 
     def __post_init__(self, **kwargs):
         self.validate_architecture()
@@ -425,7 +430,8 @@ class DDLConfig(PreTrainedConfig):
         _check_float("rms_norm_eps", self.rms_norm_eps, 0.0, low_open=True)
         _check_float("initializer_range", self.initializer_range, 0.0)
         _check_float("attention_dropout", self.attention_dropout, 0.0, 1.0)
-        for field in ("use_qk_norm", "attention_bias", "tie_word_embeddings", "use_cache", "use_fast_path"):
+        booleans = ("use_qk_norm", "attention_bias", "tie_word_embeddings", "use_cache", "use_fast_path")
+        for field in (*booleans, "state_recompute"):
             _check_bool(field, getattr(self, field))
         for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
             _check_token_id(field, getattr(self, field), self.vocab_size)

@@ -54,6 +54,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # Read at every call so that `reference_paths()` can switch implementations; torch.compile guards on it.
 _use_fast_paths = True
@@ -208,8 +209,121 @@ def _delta_update_forward(state, h, beta, v, eps: float, erase: bool):
         if erase:
             target = target - _rowwise_dot(hf, upcast(state)) * r
         write = upcast(beta) * r * target
-        new_state = _outer_add(upcast(state), hf, write).to(state.dtype)
+        new_state = apply_write(state, hf, write)
     return new_state, r, target, write
+
+
+def apply_write(state: torch.Tensor, h: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
+    """X + h w^T computed in fp32, in `state.dtype`: (N, d, d_v), (N, d), (N, d_v) -> (N, d, d_v).
+
+    The rewrite's last pass, as its one expression: `delta_layers.recomputed_states` rebuilds a state
+    with it from the previous state and the rewrite's h and w, equal to the original bit for bit."""
+    with _full_precision(state):
+        return _outer_add(upcast(state), upcast(h), write).to(state.dtype)
+
+
+# --------------------------------------------------------------------------- recomputed states
+class _StateRecipe:
+    """What autograd keeps of a recomputable state: which one, and the saved tensor's view of it."""
+
+    __slots__ = ("index", "size", "stride", "storage_offset")
+
+    def __init__(self, index: int, tensor: torch.Tensor) -> None:
+        self.index, self.size, self.stride = index, tensor.size(), tensor.stride()
+        self.storage_offset = tensor.storage_offset()
+
+
+class StateLedger:
+    """The states of one training forward, as a chain: a first state, then one rewrite X' = X + h w^T per
+    Delta shortcut (the fused rewrite, `delta_update`, records it while the ledger is active; a reference
+    rewrite is not recorded, and its states are kept as usual).
+
+    As the `saved_tensors_hooks` of that forward, it lets autograd keep a `_StateRecipe` instead of any
+    state after the first, and rebuilds that state in backward from the first one and the rewrites' h
+    (..., d) and w (..., d_v), which backward keeps anyway, with `apply_write`: the same expression on the
+    same inputs, so the rebuilt state equals the original bit for bit. The first state is kept, unless the
+    model registers how to rebuild it (`first_state`: the embedding expansion, from the embeddings that its
+    own backward keeps). States are known by their storage, through weak references to it, so that a freed
+    state's memory reused by another tensor is never mistaken for it.
+    """
+
+    def __init__(self) -> None:
+        # Per state: ("kept", the state, flat (N, d, d_v)), ("rebuilt", a function returning it, the (size, stride,
+        # storage offset) of its flat view or None until a rewrite reads it), or ("rewrite", index of the
+        # previous state, h (N, d), w (N, d_v)).
+        self.states: list[list] = []
+        self._by_storage: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def _index_of(self, tensor: torch.Tensor) -> int | None:
+        entry = self._by_storage.get(tensor.untyped_storage().data_ptr())
+        if entry is None or entry[0].expired():
+            return None
+        return entry[1]
+
+    def _add(self, tensor: torch.Tensor, node: list) -> int:
+        self.states.append(node)
+        index = len(self.states) - 1
+        storage = tensor.untyped_storage()
+        self._by_storage[storage.data_ptr()] = (StorageWeakRef(storage), index)
+        return index
+
+    def first_state(self, state: torch.Tensor, rebuild) -> None:
+        """Registers the first state (any view of it) with `rebuild()`, which computes it again, bit for bit."""
+        self._add(state, ["rebuilt", rebuild, None])
+
+    def record(self, state: torch.Tensor, h: torch.Tensor, write: torch.Tensor, new_state: torch.Tensor) -> None:
+        """One rewrite, before autograd saves its tensors: `state`, `new_state` (N, d, d_v), `h` (N, d),
+        `write` (N, d_v)."""
+        parent = self._index_of(state)
+        if parent is None:
+            parent = self._add(state, ["kept", state])
+        elif self.states[parent][0] == "rebuilt":
+            self.states[parent][2] = (state.size(), state.stride(), state.storage_offset())
+        self._add(new_state, ["rewrite", parent, h, write])
+
+    def rebuilt(self, index: int) -> torch.Tensor:
+        """State `index` (a view of its storage as the forward had it) from the first state and the rewrites."""
+        rewrites = []
+        while self.states[index][0] == "rewrite":
+            _, index, h, write = self.states[index]
+            rewrites.append((h, write))
+        kind, state, *geometry = self.states[index]
+        if kind == "rebuilt":
+            state = state()
+            if geometry[0] is not None:
+                state = state.as_strided(*geometry[0])
+        for h, write in reversed(rewrites):
+            state = apply_write(state, h, write)
+        return state
+
+    def pack(self, tensor: torch.Tensor):
+        index = self._index_of(tensor)
+        if index is None or self.states[index][0] == "kept":
+            return tensor
+        return _StateRecipe(index, tensor)
+
+    def unpack(self, packed):
+        if not isinstance(packed, _StateRecipe):
+            return packed
+        return self.rebuilt(packed.index).as_strided(packed.size, packed.stride, packed.storage_offset)
+
+
+_active_ledger: StateLedger | None = None
+
+
+@contextmanager
+def recomputed_states() -> Iterator[StateLedger]:
+    """Inside this block (one training forward), autograd keeps the rewrites' h and w (and the first state,
+    unless the model says how to rebuild it) instead of every (d, d_v) state, and backward rebuilds the
+    states it needs (`StateLedger`). Not thread-safe (a module-level switch, as `reference_paths`)."""
+    global _active_ledger
+    previous, ledger = _active_ledger, StateLedger()
+    _active_ledger = ledger
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(ledger.pack, ledger.unpack):
+            yield ledger
+    finally:
+        _active_ledger = previous
 
 
 class _DeltaUpdate(torch.autograd.Function):
@@ -233,6 +347,8 @@ class _DeltaUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, state, h, beta, v, eps: float, erase: bool, save_output: bool):
         new_state, r, target, write = _delta_update_forward(state, h, beta, v, eps, erase)
+        if _active_ledger is not None:
+            _active_ledger.record(state, h, write, new_state)
         ctx.erase, ctx.save_output = erase, save_output
         ctx.input_dtypes = (state.dtype, h.dtype, beta.dtype, v.dtype)
         ctx.set_materialize_grads(False)
@@ -888,4 +1004,7 @@ __all__ = [
     "token_compress_after_write",
     "fast_paths_enabled",
     "reference_paths",
+    "apply_write",
+    "StateLedger",
+    "recomputed_states",
 ]

@@ -21,6 +21,7 @@ last entry `last_hidden_state`. `output_residual_states=True` returns the full (
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from .delta_layers import (
     embed_expansion_from_config,
     shortcut_from_config,
 )
+from .delta_ops import recomputed_states
 from .input_checks import check_labels, check_model_inputs
 from .model_card import MODEL_CARD_NAME, is_generated_model_card, write_model_card
 from .modeling_outputs_ddl import DDLCausalLMOutputWithPast, DDLInitialState, DDLModelOutputWithPast, DDLStateRead
@@ -596,27 +598,47 @@ class DDLModel(DDLPreTrainedModel):
             if self.config.has_token_convolutions and attention_mask is not None and attention_mask.dim() == 2:
                 padding_mask = attention_mask[:, -inputs_embeds.shape[1] :].bool()
 
-        state = inputs_embeds
-        if self.embed_expansion is not None:
-            state = self.embed_expansion(inputs_embeds, cache, padding_mask, document_positions)
-        state = self.initial_state(state)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            state = decoder_layer(
-                state,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                padding_mask=padding_mask,
-                document_positions=document_positions,
-                **kwargs,
-            )
-        read = state
-        if self.readout is not None:
-            read = self.readout(state, cache, self.readout_state_idx, padding_mask, document_positions)
-        return DDLModelOutputWithPast(last_hidden_state=self.norm(self.final_read(read)), cache=cache)
+        # `state_recompute`: backward rebuilds the states from the first one instead of keeping them all (under
+        # torch.compile the compiler's partitioner decides what to keep, so the option steps aside).
+        recompute = self.config.state_recompute and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        with recomputed_states() if recompute else contextlib.nullcontext() as ledger:
+            state = inputs_embeds
+            if self.embed_expansion is not None:
+                state = self.embed_expansion(inputs_embeds, cache, padding_mask, document_positions)
+                if ledger is not None and cache is None:
+                    rebuild = self._expansion_rebuilder(inputs_embeds, padding_mask, document_positions)
+                    ledger.first_state(state, rebuild)
+            state = self.initial_state(state)
+            position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+            for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+                state = decoder_layer(
+                    state,
+                    attention_mask=causal_mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=use_cache,
+                    padding_mask=padding_mask,
+                    document_positions=document_positions,
+                    **kwargs,
+                )
+            read = state
+            if self.readout is not None:
+                read = self.readout(state, cache, self.readout_state_idx, padding_mask, document_positions)
+            last_hidden_state = self.norm(self.final_read(read))
+        return DDLModelOutputWithPast(last_hidden_state=last_hidden_state, cache=cache)
+
+    def _expansion_rebuilder(self, inputs_embeds, padding_mask, document_positions) -> Callable[[], torch.Tensor]:
+        """`state_recompute`: a function that computes the embedding expansion again in backward, under the autocast
+        of this forward (it decides the dtypes of the fused convolution), bit for bit."""
+        device_type = inputs_embeds.device.type
+        autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+        def rebuild() -> torch.Tensor:
+            with torch.no_grad(), torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
+                return self.embed_expansion(inputs_embeds, None, padding_mask, document_positions)
+
+        return rebuild
 
 
 class DDLForCausalLM(DDLPreTrainedModel, GenerationMixin):
