@@ -253,6 +253,7 @@ class StateLedger:
         # previous state, h (N, d), w (N, d_v)).
         self.states: list[list] = []
         self._by_storage: dict[int, tuple[StorageWeakRef, int]] = {}
+        self._rebuilt: dict[int, torch.Tensor] = {}
 
     def _index_of(self, tensor: torch.Tensor) -> int | None:
         entry = self._by_storage.get(tensor.untyped_storage().data_ptr())
@@ -282,18 +283,26 @@ class StateLedger:
         self._add(new_state, ["rewrite", parent, h, write])
 
     def rebuilt(self, index: int) -> torch.Tensor:
-        """State `index` (a view of its storage as the forward had it) from the first state and the rewrites."""
-        rewrites = []
+        """State `index` (a view of its storage as the forward had it) from the first state and the rewrites.
+
+        Backward asks for the states from the last to the first, several times each (every op that read one
+        saved it): the first state, once rebuilt, and the last state asked for stay until backward is done."""
+        if index in self._rebuilt:
+            return self._rebuilt[index]
+        wanted, rewrites = index, []
         while self.states[index][0] == "rewrite":
             _, index, h, write = self.states[index]
             rewrites.append((h, write))
         kind, state, *geometry = self.states[index]
         if kind == "rebuilt":
-            state = state()
-            if geometry[0] is not None:
-                state = state.as_strided(*geometry[0])
+            if index not in self._rebuilt:
+                first = state()
+                self._rebuilt[index] = first if geometry[0] is None else first.as_strided(*geometry[0])
+            state = self._rebuilt[index]
         for h, write in reversed(rewrites):
             state = apply_write(state, h, write)
+        self._rebuilt = {key: value for key, value in self._rebuilt.items() if key == index}
+        self._rebuilt[wanted] = state
         return state
 
     def pack(self, tensor: torch.Tensor):
