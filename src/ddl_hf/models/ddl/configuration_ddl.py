@@ -260,10 +260,11 @@ class DDLConfig(PreTrainedConfig):
       `"identity"` (`v = W_v s + b_v`).
     - `use_fast_path`: run the fused ops of `delta_ops` (default) or their plain references
       (same results up to float rounding; slower, more memory).
-    - `state_recompute`: in a training forward, keep only the first state and each rewrite's h and w for
-      backward, and recompute the other (d, d_v) states from them when backward needs them
-      (`delta_layers.recomputed_states`): less memory, the same gradients bit for bit, a few elementwise
-      passes more per step. Needs the fast path; inference is unchanged.
+    - `state_recompute`: in a training forward, keep each rewrite's h and w for backward instead of the
+      (d, d_v) states, and rebuild the states from them and the embedding expansion (run again) when
+      backward needs them (`delta_ops.recomputed_states`; without an expansion the first state is kept):
+      less memory, the same gradients bit for bit, a few elementwise passes more per step. Needs the fast
+      path; inference and torch.compile are unchanged.
 
     The standard `PreTrainedConfig` fields are accepted too; the task heads read `num_labels` (or
     `id2label`, `label2id`), `problem_type` and `pad_token_id` (the sequence classifier pools the last

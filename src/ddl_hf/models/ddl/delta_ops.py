@@ -216,7 +216,7 @@ def _delta_update_forward(state, h, beta, v, eps: float, erase: bool):
 def apply_write(state: torch.Tensor, h: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
     """X + h w^T computed in fp32, in `state.dtype`: (N, d, d_v), (N, d), (N, d_v) -> (N, d, d_v).
 
-    The rewrite's last pass, as its one expression: `delta_layers.recomputed_states` rebuilds a state
+    The rewrite's last pass, as its one expression: `recomputed_states` (`StateLedger`) rebuilds a state
     with it from the previous state and the rewrite's h and w, equal to the original bit for bit."""
     with _full_precision(state):
         return _outer_add(upcast(state), upcast(h), write).to(state.dtype)
