@@ -20,6 +20,16 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+# The files with the longest tests go first: the README's test command runs the suite on 2 pytest-xdist workers,
+# a file to a worker (`-n 2 --dist loadfile`), and a long file started last would leave the other worker idle.
+LONGEST_FILES_FIRST = ("test_readme.py", "test_gpu_check.py", "test_train_resilience.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
 @pytest.fixture(scope="module")
 def one_intra_op_thread():
     """One intra-op thread for a module's in-process training runs (`pytestmark = usefixtures(...)`): on a loaded
@@ -125,6 +135,15 @@ def write_jsonl(path, texts, column: str = "text", with_id: bool = False) -> str
         for text in texts:
             handle.write(json.dumps({column: text, "id": len(text)} if with_id else {column: text}) + "\n")
     return str(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a launcher's rendezvous (tests may run side by side)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def offline_env(**changes: str | None) -> dict[str, str]:

@@ -7,7 +7,6 @@ strides of its parameter.
 """
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import offline_env, perturb, random_tokens, tiny_model
+from conftest import free_port, offline_env, perturb, random_tokens, tiny_model
 from ddl_hf import PRESET_VARIANTS
 from ddl_hf.models.ddl import delta_layers
 from ddl_hf.models.ddl.delta_ops import reference_paths
@@ -105,16 +104,10 @@ def test_token_conv_weight_gradient_keeps_the_weight_strides_on_both_fast_paths(
 
 
 # --------------------------------------------------------------------------- two processes
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _torchrun(script, *args, cwd, timeout: int) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args),
     ]  # fmt: skip
     env = offline_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -506,7 +499,7 @@ def test_fsdp2_in_one_process_trains_like_the_plain_model_and_saves_a_loadable_c
     script = tmp_path / "fsdp_one_process.py"
     script.write_text(ONE_PROCESS_FSDP_SCRIPT)
     env = offline_env(
-        OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), TOKENIZERS_PARALLELISM="false"
+        OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), TOKENIZERS_PARALLELISM="false"
     )
     command = [sys.executable, str(script), str(device), str(tmp_path / "results.json")]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -3,7 +3,6 @@ shards the Llama parts of a DDL model (attention by heads, the SwiGLU MLP by its
 a tied LM head by the vocabulary) and replicates the DDL parts; the sharded model gives the single-process
 logits and, after a backward, every single-process gradient. Runs on CPU with 2 gloo processes."""
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import offline_env, perturb, random_tokens, tiny_model
+from conftest import free_port, offline_env, perturb, random_tokens, tiny_model
 from ddl_hf import DDLConfig, DDLForCausalLM, DDLForSequenceClassification
 
 LLAMA_PARTS = {
@@ -80,12 +79,6 @@ TP_SCRIPT = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tensor_parallel_run(tmp_path_factory):
     """Three models saved, their single-process outputs, and what 2 tensor-parallel processes computed."""
@@ -121,7 +114,7 @@ def tensor_parallel_run(tmp_path_factory):
     (root / "tp_script.py").write_text(TP_SCRIPT)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(root / "tp_script.py"), str(root),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(root / "tp_script.py"), str(root),
     ]  # fmt: skip
     completed = subprocess.run(
         command, cwd=root, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=400
@@ -246,7 +239,7 @@ def tensor_parallel_gradients(tmp_path_factory):
     (root / "tp_gradient_script.py").write_text(TP_GRADIENT_SCRIPT)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(root / "tp_gradient_script.py"),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(root / "tp_gradient_script.py"),
         str(root),
     ]  # fmt: skip
     completed = subprocess.run(

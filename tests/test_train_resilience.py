@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import test_train
+from conftest import free_port
 from ddl_hf import DDLConfig, DDLForCausalLM
 from ddl_hf.run_files import checkpoint_is_complete, last_complete_checkpoint
 from ddl_hf.train import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, parse_args, run_training
@@ -125,7 +125,7 @@ def test_two_processes_stop_at_one_step_on_sigterm_and_resume_exactly(assets, tm
 
     launcher = [
         str(Path(sys.executable).with_name("accelerate")), "launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
         "--mixed_precision", "no", "--dynamo_backend", "no",
     ]  # fmt: skip
 
@@ -178,12 +178,6 @@ def test_two_processes_stop_at_one_step_on_sigterm_and_resume_exactly(assets, tm
 
 
 # --------------------------------------------------------------------------- restarts
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_restarts_a_group_that_lost_a_rank_and_ends_like_an_uninterrupted_run(assets, tmp_path):
     """`torchrun --max-restarts 1` with 2 gloo processes, both waiting after step 3 (checkpoint-2 is complete):
