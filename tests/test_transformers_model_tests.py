@@ -80,11 +80,10 @@ def outcomes(junit: Path) -> dict[str, dict[str, str]]:
     by_class: dict[str, dict[str, str]] = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         outcome = "passed"
-        for kind in ("failure", "error", "skipped"):
-            found = case.find(kind)
+        for tag, label in (("failure", "failed"), ("error", "failed"), ("skipped", "skipped")):
+            found = case.find(tag)
             if found is not None:
-                kind = "failed" if kind == "error" else kind.replace("failure", "failed")
-                outcome = f"{kind}: {found.get('message', '')}"
+                outcome = f"{label}: {found.get('message', '')}"
         by_class.setdefault(case.get("classname").rsplit(".", 1)[-1], {})[case.get("name")] = outcome
     return by_class
 
