@@ -1,17 +1,22 @@
-"""How often transformers' `test_generate_with_static_cache` fails, per test class, over seeded inputs.
+"""How often one of transformers' shared generation tests fails, per test class, over seeded inputs.
 
-The shared test draws its token ids from an unseeded generator (`ids_tensor`'s module-level `random.Random()`), so
-each run of the suite tries new inputs. This script runs the test's own steps (the tester's config and inputs,
-`set_config_for_less_flaky_test`, greedy generation with a static and a dynamic cache in fp32 and fp16) for
-`--trials` seeded inputs per class and counts, in fp16: the runs whose tokens differ, and those the test's own
-mismatch check fails at its tolerance (1e-5) and at transformers' later one (5e-5, huggingface/transformers#48815).
+The shared tests draw their token ids from an unseeded generator (`ids_tensor`'s module-level `random.Random()`), so
+each run of the suite tries new inputs. For `--trials` seeded runs per class (trial i: seed i) this script runs:
+
+- `test_generate_with_static_cache` (the default) as its own steps: the tester's config and inputs,
+  `set_config_for_less_flaky_test`, greedy generation with a static and a dynamic cache in fp32 and fp16. It counts,
+  in fp16, the runs whose tokens differ and those the test's mismatch check fails at its tolerance (1e-5) and at
+  transformers' later one (5e-5, huggingface/transformers#48815).
+- any other test method named by `--test` (e.g. `test_sdpa_padding_matches_padding_free_with_position_ids`) as
+  the harness defines it, counting the runs that fail.
 
 It runs inside the scratch folder that `../shared/hfsuite/assemble.sh` builds (transformers' test code is never
 part of this repository), with that folder's python:
 
-    /tmp/hfsuite/venv/bin/python scripts/static_cache_flakes.py --harness /tmp/hfsuite --trials 100 cc scalar llama
+    /tmp/hfsuite/venv/bin/python scripts/shared_test_flakes.py --harness /tmp/hfsuite --trials 100 cc scalar llama
 
-`--head_scale S` multiplies the LM head's weights by S, to ask whether a model's logit size alone makes it fail.
+`--head_scale S` multiplies the LM head's weights by S (static-cache test only), to ask whether a model's logit size
+alone makes it fail.
 """
 
 import argparse
@@ -31,6 +36,25 @@ CLASSES = {
     "baseline": ("tests.models.ddl.test_modeling_ddl", "DDLBaselineModelTest"),
 }
 TOLERANCES = (1e-5, 5e-5)
+STATIC_CACHE_TEST = "test_generate_with_static_cache"
+
+
+def count_failures(test_class: type, test_name: str, trials: int) -> int:
+    """How many of `trials` seeded runs of the harness's own `test_name` on `test_class` fail."""
+    import tests.test_modeling_common as common
+    from transformers import set_seed
+
+    failures = 0
+    for trial in range(trials):
+        common.global_rng.seed(trial)
+        set_seed(trial)  # the weights too: unlike the static-cache test, these tests leave torch's generator as it is
+        test_case = test_class(test_name)
+        test_case.setUp()
+        try:
+            getattr(test_case, test_name)()
+        except AssertionError:
+            failures += 1
+    return failures
 
 
 def count_flakes(test_case: unittest.TestCase, trials: int, head_scale: float) -> dict:
@@ -77,21 +101,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("classes", nargs="+", choices=sorted(CLASSES))
     parser.add_argument("--harness", required=True, help="the folder ../shared/hfsuite/assemble.sh built")
+    parser.add_argument("--test", default=STATIC_CACHE_TEST, help="the shared test method to repeat")
     parser.add_argument("--trials", type=int, default=100)
     parser.add_argument("--head_scale", type=float, default=1.0)
     args = parser.parse_args()
     sys.path.insert(0, args.harness)
     import importlib
 
-    print(
-        "| class | trials | fp16 token flips | "
-        + " | ".join(f"fails at {tol:g}" for tol in TOLERANCES)
-        + " | max abs logit |"
-    )
-    print("|---|---|---|" + "---|" * len(TOLERANCES) + "---|")
+    static_cache = args.test == STATIC_CACHE_TEST
+    if static_cache:
+        fails_header = " | ".join(f"fails at {tol:g}" for tol in TOLERANCES)
+        print(f"| class | trials | fp16 token flips | {fails_header} | max abs logit |")
+        print("|---|---|---|" + "---|" * len(TOLERANCES) + "---|")
+    else:
+        print(f"| class | trials | `{args.test}` fails |")
+        print("|---|---|---|")
     for name in args.classes:
         module, class_name = CLASSES[name]
-        test_case = getattr(importlib.import_module(module), class_name)("test_generate_with_static_cache")
+        test_class = getattr(importlib.import_module(module), class_name)
+        if not static_cache:
+            print(f"| {name} | {args.trials} | {count_failures(test_class, args.test, args.trials)} |", flush=True)
+            continue
+        test_case = test_class(STATIC_CACHE_TEST)
         test_case.setUp()
         counts = count_flakes(test_case, args.trials, args.head_scale)
         fails = " | ".join(str(counts[f"fail@{tol:g}"]) for tol in TOLERANCES)
