@@ -991,10 +991,26 @@ def generate_sample(model_dir: str | Path, prompt: str, max_new_tokens: int, see
     return tokenizer.decode(output[0], skip_special_tokens=False)
 
 
+def leave_process_group() -> None:
+    """Destroys the process group, if any, before the interpreter exits. Left to interpreter shutdown, a gloo
+    group's threads can outlive it: a rank that had stopped on a signal and saved its checkpoint then now and then
+    aborted with "terminate called without an active exception" (exit status -6 instead of 75)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @reports_input_errors("train")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     join_restarted_elastic_group()  # before the arguments: they create accelerate's process group
+    try:
+        return train_and_report(argv)
+    finally:
+        leave_process_group()
+
+
+def train_and_report(argv: list[str]) -> int:
+    """`ddl train` once the process group exists: the run, then its summary and sample; the exit status."""
     model_args, data_args, training_args = parse_args(argv)
     is_main = training_args.process_index == 0
     logging.basicConfig(format="%(message)s", level=logging.INFO if is_main else logging.WARNING)
