@@ -77,6 +77,7 @@ def device() -> torch.device:
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from ddl_hf import DDLConfig, DDLForCausalLM  # noqa: E402
 
@@ -144,6 +145,25 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def two_process_torchrun() -> list[str]:
+    """`python -m torch.distributed.run` for 2 processes on this machine, on a free port; append its options, the
+    script and the script's arguments."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+    ]  # fmt: skip
+
+
+def two_process_accelerate_launch() -> list[str]:
+    """`accelerate launch` of 2 CPU processes (DDP over gloo) on a free port, no mixed precision or dynamo; append
+    the script and its arguments."""
+    return [
+        str(Path(sys.executable).with_name("accelerate")), "launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
 
 
 def offline_env(**changes: str | None) -> dict[str, str]:

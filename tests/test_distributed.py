@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import free_port, offline_env, perturb, random_tokens, tiny_model
+from conftest import free_port, offline_env, perturb, random_tokens, tiny_model, two_process_torchrun
 from ddl_hf import PRESET_VARIANTS
 from ddl_hf.models.ddl import delta_layers
 from ddl_hf.models.ddl.delta_ops import reference_paths
@@ -105,10 +105,7 @@ def test_token_conv_weight_gradient_keeps_the_weight_strides_on_both_fast_paths(
 
 # --------------------------------------------------------------------------- two processes
 def _torchrun(script, *args, cwd, timeout: int) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args),
-    ]  # fmt: skip
+    command = [*two_process_torchrun(), str(script), *map(str, args)]
     env = offline_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

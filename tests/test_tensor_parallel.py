@@ -4,13 +4,12 @@ a tied LM head by the vocabulary) and replicates the DDL parts; the sharded mode
 logits and, after a backward, every single-process gradient. Runs on CPU with 2 gloo processes."""
 
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from conftest import free_port, offline_env, perturb, random_tokens, tiny_model
+from conftest import offline_env, perturb, random_tokens, tiny_model, two_process_torchrun
 from ddl_hf import DDLConfig, DDLForCausalLM, DDLForSequenceClassification
 
 LLAMA_PARTS = {
@@ -112,10 +111,7 @@ def tensor_parallel_run(tmp_path_factory):
             expected[name]["generated"] = model.generate(inputs["prompt"], max_new_tokens=5, do_sample=False)
     torch.save(inputs, root / "inputs.pt")
     (root / "tp_script.py").write_text(TP_SCRIPT)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(root / "tp_script.py"), str(root),
-    ]  # fmt: skip
+    command = [*two_process_torchrun(), str(root / "tp_script.py"), str(root)]
     completed = subprocess.run(
         command, cwd=root, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=400
     )
@@ -237,11 +233,7 @@ def tensor_parallel_gradients(tmp_path_factory):
         expected[name] = {key: parameter.grad.clone() for key, parameter in model.named_parameters()}
     torch.save({"ids": ids, "mask": mask, "labels": labels, "folders": list(GRADIENT_MODELS)}, root / "inputs.pt")
     (root / "tp_gradient_script.py").write_text(TP_GRADIENT_SCRIPT)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(root / "tp_gradient_script.py"),
-        str(root),
-    ]  # fmt: skip
+    command = [*two_process_torchrun(), str(root / "tp_gradient_script.py"), str(root)]
     completed = subprocess.run(
         command, cwd=root, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=400
     )

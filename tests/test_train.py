@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from conftest import free_port, offline_env, write_jsonl
+from conftest import offline_env, two_process_accelerate_launch, write_jsonl
 from ddl_hf import DDLConfig, DDLForCausalLM
 from ddl_hf.data import DataArguments, build_lm_datasets, builtin_corpus_documents
 from ddl_hf.run_files import CHECKPOINT_MANIFEST, checkpoint_is_complete, last_complete_checkpoint
@@ -680,9 +680,7 @@ def test_tiny_preset_trains_with_the_default_block_size(assets, tmp_path, capsys
 def test_two_process_data_parallel_run_with_accelerate_launch(assets, tmp_path):
     output_dir = tmp_path / "ddp"
     command = [
-        str(Path(sys.executable).with_name("accelerate")), "launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        *two_process_accelerate_launch(),
         str(REPO / "scripts/train.py"),
         *tiny_argv(assets, output_dir, "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3"),
         "--per_device_eval_batch_size", "4",  # 8 validation blocks split evenly over the 2 processes

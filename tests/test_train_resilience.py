@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import test_train
-from conftest import free_port
+from conftest import two_process_accelerate_launch, two_process_torchrun
 from ddl_hf import DDLConfig, DDLForCausalLM
 from ddl_hf.run_files import checkpoint_is_complete, last_complete_checkpoint
 from ddl_hf.train import DIVERGED_EXIT_CODE, PREEMPTED_EXIT_CODE, parse_args, run_training
@@ -123,11 +123,7 @@ def test_two_processes_stop_at_one_step_on_sigterm_and_resume_exactly(assets, tm
             "--disable_tqdm", "true",
         ]  # fmt: skip
 
-    launcher = [
-        str(Path(sys.executable).with_name("accelerate")), "launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-    ]  # fmt: skip
+    launcher = two_process_accelerate_launch()
 
     def launch(output_dir):
         command = [*launcher, str(REPO / "scripts/train.py"), *launch_argv(output_dir)]
@@ -186,10 +182,7 @@ def test_torchrun_restarts_a_group_that_lost_a_rank_and_ends_like_an_uninterrupt
     and weights of an uninterrupted run of the same launcher that saved at the same steps."""
 
     def launcher():
-        return [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        ]  # fmt: skip
+        return [*two_process_torchrun(), "--max-restarts", "1"]
 
     def run_argv(output_dir):
         return [

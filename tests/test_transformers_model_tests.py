@@ -32,20 +32,8 @@ from conftest import offline_env
 SDIST_VARIABLE = "DDL_TRANSFORMERS_SDIST"
 SUITE_MODULE = Path(__file__).parent / "transformers_suite" / "model_tests.py"
 
-STAND_INS = {
-    "exporters/test_export.py": '''"""Stand-in: transformers' source distribution does not ship tests/exporters."""
-
-
-class ExportTesterMixin:
-    pass
-''',
-    "generation/test_utils.py": '''"""Stand-in: transformers' source distribution does not ship tests/generation."""
-
-
-class GenerationTesterMixin:
-    pass
-''',
-}
+# The files the mixin imports that the source distribution lacks, and the class each must define.
+STAND_INS = {"exporters/test_export.py": "ExportTesterMixin", "generation/test_utils.py": "GenerationTesterMixin"}
 # Meaningless without the real GenerationTesterMixin: it checks that a generative model's test class inherits it.
 DESELECTED = ["test_generation_tester_mixin_inheritance"]
 
@@ -66,11 +54,15 @@ def assemble_suite(sdist: Path, scratch: Path) -> Path:
     tests.mkdir(parents=True)
     for common in (sdist / "tests").glob("*.py"):
         shutil.copy(common, tests)
-    for package in ("", "exporters", "generation"):
-        (tests / package / "__init__.py").parent.mkdir(exist_ok=True)
-        (tests / package / "__init__.py").touch()
-    for relative, text in STAND_INS.items():
-        (tests / relative).write_text(text)
+    (tests / "__init__.py").touch()
+    for relative, class_name in STAND_INS.items():
+        stand_in = tests / relative
+        stand_in.parent.mkdir()
+        (stand_in.parent / "__init__.py").touch()
+        stand_in.write_text(
+            f'"""Stand-in: transformers\' source distribution does not ship tests/{stand_in.parent.name}."""\n\n\n'
+            f"class {class_name}:\n    pass\n"
+        )
     shutil.copy(SUITE_MODULE, tests / "test_modeling_ddl.py")
     return tests.parent
 
